@@ -1,0 +1,217 @@
+//! Loads weft's eBPF programs, attaches them to the pods' parent cgroup and owns their maps.
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    sync::Mutex,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
+    Ebpf,
+};
+use ipnet::Ipv4Net;
+use weft_common::{maps, ClientKey, Counter, OrigDst, Settings};
+
+use crate::lock;
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// The attached programs and the maps the agent reads and writes. Dropping it (or calling
+/// [`Datapath::detach`]) detaches everything: the links are file descriptors owned here, so even a
+/// killed agent leaves nothing attached.
+pub struct Datapath {
+    programs: Mutex<Option<Ebpf>>,
+    enrolled: Mutex<HashMap<MapData, u64, u8>>,
+    excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
+    excluded_cidrs: Mutex<LpmTrie<MapData, u32, u8>>,
+    orig_dst: HashMap<MapData, ClientKey, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Fails unless `path` is a directory on a cgroup v2 filesystem.
+pub fn check_cgroup2_dir(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cgroup path {} does not exist", path.display()))?;
+    if !meta.is_dir() {
+        bail!("cgroup path {} is not a directory", path.display());
+    }
+    let stat = nix::sys::statfs::statfs(path)
+        .with_context(|| format!("statfs {}", path.display()))?;
+    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        bail!(
+            "cgroup path {} is not on a cgroup v2 filesystem (find it with `mount -t cgroup2`)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
+}
+
+impl Datapath {
+    /// Loads the programs, writes `settings`, and attaches to `cgroup_path`.
+    pub fn attach(cgroup_path: &Path, settings: Settings) -> Result<Self> {
+        check_cgroup2_dir(cgroup_path)?;
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context(
+            "loading weft's eBPF object failed: the kernel needs BTF-less cgroup/sockops program \
+             support (Linux >= 5.15) and the agent needs CAP_BPF and CAP_NET_ADMIN",
+        )?;
+        let mut settings_map: Array<_, Settings> =
+            Array::try_from(take_map(&mut ebpf, maps::SETTINGS)?)?;
+        settings_map
+            .set(0, settings, 0)
+            .context("writing agent settings into the eBPF map")?;
+        let datapath_maps = (
+            HashMap::try_from(take_map(&mut ebpf, maps::ENROLLED_NETNS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, maps::EXCLUDED_PORTS)?)?,
+            LpmTrie::try_from(take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST_BY_CLIENT)?)?,
+            PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?,
+        );
+        let cgroup = File::open(cgroup_path)
+            .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+        // AllowMultiple: other programs on the same cgroup (a CNI's, say) keep running.
+        let mode = CgroupAttachMode::AllowMultiple;
+        for name in ["weft_connect4", "weft_connect6"] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            program.load().with_context(|| kernel_feature_error(name))?;
+            program.attach(&cgroup, mode).with_context(|| attach_error(name, cgroup_path))?;
+        }
+        let sockops: &mut SockOps = program(&mut ebpf, "weft_sockops")?.try_into()?;
+        sockops.load().with_context(|| kernel_feature_error("weft_sockops"))?;
+        sockops
+            .attach(&cgroup, mode)
+            .with_context(|| attach_error("weft_sockops", cgroup_path))?;
+        let release: &mut CgroupSock = program(&mut ebpf, "weft_sock_release")?.try_into()?;
+        release.load().with_context(|| kernel_feature_error("weft_sock_release"))?;
+        release
+            .attach(&cgroup, mode)
+            .with_context(|| attach_error("weft_sock_release", cgroup_path))?;
+
+        let (enrolled, excluded_ports, excluded_cidrs, orig_dst, counters) = datapath_maps;
+        Ok(Self {
+            programs: Mutex::new(Some(ebpf)),
+            enrolled: Mutex::new(enrolled),
+            excluded_ports: Mutex::new(excluded_ports),
+            excluded_cidrs: Mutex::new(excluded_cidrs),
+            orig_dst,
+            counters,
+        })
+    }
+
+    /// Detaches and unloads all programs; new connects are no longer captured.
+    pub fn detach(&self) {
+        drop(lock(&self.programs).take());
+    }
+
+    pub fn enroll(&self, netns_cookie: u64) -> Result<()> {
+        lock(&self.enrolled)
+            .insert(netns_cookie, 1, 0)
+            .with_context(|| format!("adding netns cookie {netns_cookie} to the enrollment map"))
+    }
+
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<()> {
+        match lock(&self.enrolled).remove(&netns_cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(err).with_context(|| {
+                format!("removing netns cookie {netns_cookie} from the enrollment map")
+            }),
+        }
+    }
+
+    /// Replaces the excluded ports and CIDRs with the given sets.
+    pub fn set_exclusions(&self, ports: &[u16], cidrs: &[Ipv4Net]) -> Result<()> {
+        let mut port_map = lock(&self.excluded_ports);
+        let stale: Vec<u16> = port_map.keys().filter_map(Result::ok).collect();
+        for port in stale.iter().filter(|port| !ports.contains(port)) {
+            port_map.remove(port).context("removing an excluded port")?;
+        }
+        for port in ports {
+            port_map.insert(port, 1, 0).with_context(|| format!("excluding port {port}"))?;
+        }
+        let mut cidr_map = lock(&self.excluded_cidrs);
+        let wanted: Vec<(u32, u32)> = cidrs
+            .iter()
+            .map(|net| (u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets())))
+            .collect();
+        let stale: Vec<Key<u32>> = cidr_map.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            if !wanted.contains(&(key.prefix_len(), key.data())) {
+                cidr_map.remove(&key).context("removing an excluded CIDR")?;
+            }
+        }
+        for (net, (prefix_len, ip)) in cidrs.iter().zip(wanted) {
+            cidr_map
+                .insert(&Key::new(prefix_len, ip), 1, 0)
+                .with_context(|| format!("excluding CIDR {net}"))?;
+        }
+        Ok(())
+    }
+
+    /// Where the connection from `client` (as accepted in the pod with `netns_cookie`) was going.
+    pub fn original_destination(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = ClientKey {
+            netns_cookie,
+            ip: u32::from_ne_bytes(client.ip().octets()),
+            port: client.port(),
+            _pad: 0,
+        };
+        let orig = self.orig_dst.get(&key, 0).ok()?;
+        Some(SocketAddrV4::new(Ipv4Addr::from(orig.ip.to_ne_bytes()), orig.port))
+    }
+
+    /// Number of connections the kernel currently tracks for the agent.
+    pub fn tracked_connections(&self) -> usize {
+        self.orig_dst.keys().count()
+    }
+
+    /// The per-CPU counters summed over CPUs, by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|counter| {
+                let total = self
+                    .counters
+                    .get(&(*counter as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (counter.name(), total)
+            })
+            .collect()
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object has no program {name}"))
+}
+
+fn kernel_feature_error(name: &str) -> String {
+    format!(
+        "the kernel refused eBPF program {name}: it needs cgroup sock_addr, sockops and \
+         sock_release hooks with netns and socket cookies (Linux >= 5.15)"
+    )
+}
+
+fn attach_error(name: &str, cgroup: &Path) -> String {
+    format!("attaching {name} to cgroup {}", cgroup.display())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on Linux >= 5.11");
+    }
+}
+

@@ -1,0 +1,163 @@
+//! Sockets inside a pod's network namespace. Each enrolled pod gets one small thread that enters the
+//! pod's netns once and then creates sockets on request: a socket belongs to the namespace it was
+//! created in, so the agent's listener and upstream sockets live in the pod (source IP = pod IP)
+//! while the agent itself stays in the node's namespace.
+use std::{
+    fs::File,
+    io,
+    net::{SocketAddr, TcpListener},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::mpsc,
+};
+
+use anyhow::{Context, Result};
+use nix::sched::{setns, CloneFlags};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+
+/// SO_NETNS_COOKIE (Linux >= 5.14); not yet in every libc release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+const WORKER_STACK_BYTES: usize = 128 * 1024;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread living in one pod's network namespace.
+pub struct PodNetns {
+    jobs: mpsc::Sender<Job>,
+    cookie: u64,
+}
+
+impl PodNetns {
+    /// Enters the namespace at `path` on a new thread. Fails if the path is not a network namespace.
+    pub fn enter(path: &Path, thread_name: String) -> Result<Self> {
+        let netns = File::open(path)
+            .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<u64>>(1);
+        std::thread::Builder::new()
+            .name(thread_name)
+            .stack_size(WORKER_STACK_BYTES)
+            .spawn(move || {
+                let entered = setns(&netns, CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)
+                    .and_then(|()| current_netns_cookie());
+                let ok = entered.is_ok();
+                if ready_tx.send(entered).is_err() || !ok {
+                    return;
+                }
+                drop(netns);
+                // Runs until the PodNetns (the only sender) is dropped.
+                for job in job_rx {
+                    job();
+                }
+            })
+            .context("spawning a network-namespace worker thread")?;
+        let cookie = ready_rx
+            .recv()
+            .context("network-namespace worker exited during start-up")?
+            .with_context(|| format!("cannot enter network namespace {}", path.display()))?;
+        Ok(Self { jobs, cookie })
+    }
+
+    /// The kernel's cookie for this namespace: what the eBPF programs key pods by.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(job());
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| io::Error::other("network-namespace worker has stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("network-namespace worker dropped the request"))?
+    }
+
+    /// A listening TCP socket bound to `addr` inside the pod.
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let std_listener = self
+            .run(move || {
+                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                socket.set_reuse_address(true)?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&addr.into())?;
+                socket.listen(4096)?;
+                Ok(TcpListener::from(socket))
+            })
+            .await?;
+        tokio::net::TcpListener::from_std(std_listener)
+    }
+
+    /// An unconnected TCP socket inside the pod, carrying `mark` so the capture hooks skip it.
+    pub async fn upstream_socket(&self, ipv6: bool, mark: u32) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self
+            .run(move || {
+                let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+                let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+                socket.set_mark(mark)?;
+                socket.set_nonblocking(true)?;
+                socket.set_nodelay(true)?;
+                Ok(socket)
+            })
+            .await?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+/// Cookie of the network namespace the calling thread is in.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let probe = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_namespace_is_a_clear_error() {
+        let err = PodNetns::enter(Path::new("/nonexistent/netns"), "t".into()).err().unwrap();
+        assert!(format!("{err:#}").contains("cannot open network namespace /nonexistent/netns"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_namespace_is_rejected() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let err = PodNetns::enter(file.path(), "t".into()).err().unwrap();
+        assert!(format!("{err:#}").contains("cannot enter network namespace"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn own_namespace_listener_works_and_cookie_matches() {
+        let netns = PodNetns::enter(Path::new("/proc/self/ns/net"), "t".into()).unwrap();
+        assert_eq!(netns.cookie(), current_netns_cookie().unwrap());
+        let listener = netns.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = netns.upstream_socket(false, 0x1234).await.unwrap();
+        let (client, accepted) = tokio::join!(socket.connect(addr), listener.accept());
+        assert_eq!(client.unwrap().peer_addr().unwrap(), addr);
+        assert!(accepted.is_ok());
+    }
+}
