@@ -79,8 +79,9 @@ impl Datapath {
         );
         let cgroup = File::open(cgroup_path)
             .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
-        // AllowMultiple: other programs on the same cgroup (a CNI's, say) keep running.
-        let mode = CgroupAttachMode::AllowMultiple;
+        // Attached as bpf_links (Linux >= 5.7), which always coexist with other programs on the
+        // cgroup (a CNI's, say) and take no attach flags; the default mode passes none.
+        let mode = CgroupAttachMode::default();
         for name in ["weft_connect4", "weft_connect6"] {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             program.load().with_context(|| kernel_feature_error(name))?;

@@ -157,9 +157,14 @@ mod programs {
 
     #[inline(always)]
     fn client_key(ctx: &SockOpsContext) -> Option<ClientKey> {
+        // Both ctx fields are loaded unconditionally (volatile, so at constant offsets): the
+        // verifier rejects the single variable-offset load LLVM would otherwise turn a match into.
+        let ops = ctx.ops;
+        let ip4 = unsafe { core::ptr::read_volatile(&(*ops).local_ip4) };
+        let mapped_ip4 = unsafe { core::ptr::read_volatile(&(*ops).local_ip6[3]) };
         let ip = match ctx.family() {
-            AF_INET => ctx.local_ip4(),
-            AF_INET6 => ctx.local_ip6()[3],
+            AF_INET => ip4,
+            AF_INET6 => mapped_ip4,
             _ => return None,
         };
         Some(ClientKey {

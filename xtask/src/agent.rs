@@ -1,0 +1,168 @@
+//! Running a weft agent on a lab node, as the demo, the tests and the benchmark do.
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::lab::{write_atomically, Lab, Node, Pod};
+
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+/// The weft binary under test: $WEFT_BIN, else the workspace's release build.
+pub fn weft_binary() -> PathBuf {
+    std::env::var_os("WEFT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target/release/weft"))
+}
+
+/// The YAML config of `node`'s agent with `enrolled` pods.
+pub fn config_yaml(node: &Node, enrolled: &[&Pod], extra_agent_settings: &str) -> String {
+    let mut yaml = format!(
+        "agent:\n  cgroup_path: {}\n  admin_addr: {ADMIN_ADDR}\n  drain_timeout_ms: 3000\n{extra_agent_settings}pods:\n",
+        node.pods_cgroup.display()
+    );
+    if enrolled.is_empty() {
+        yaml = yaml.replace("pods:\n", "pods: []\n");
+    }
+    for pod in enrolled {
+        yaml.push_str(&format!("  - name: {}\n    namespace: lab\n    netns: {}\n", pod.name, pod.netns_path().display()));
+    }
+    yaml
+}
+
+pub struct Agent {
+    pub node: Node,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts weft on `node` with `enrolled` pods and waits until it serves them.
+    pub fn start(lab: &Lab, node: &Node, enrolled: &[&Pod]) -> Result<Agent> {
+        Self::start_with(lab, node, &config_yaml(node, enrolled, ""), enrolled)
+    }
+
+    /// Starts weft with the given config text; `expect_enrolled` are waited for.
+    pub fn start_with(lab: &Lab, node: &Node, config: &str, expect_enrolled: &[&Pod]) -> Result<Agent> {
+        let node_dir = lab.dir.join(format!("node-{}", node.name));
+        fs::create_dir_all(&node_dir)?;
+        let config_path = node_dir.join("weft.yaml");
+        write_atomically(&config_path, config)?;
+        let log_path = node_dir.join("weft.log");
+        let log = File::options().create(true).append(true).open(&log_path)?;
+        let binary = weft_binary();
+        if !binary.exists() {
+            bail!("{} does not exist: build it with `cargo xtask build`", binary.display());
+        }
+        let child = crate::lab::command_in(&node.netns, Some(&node.agent_cgroup), &binary)?
+            .args(["run", "--config", &config_path.to_string_lossy()])
+            .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut agent = Agent { node: node.clone(), config_path, log_path, child: Some(child) };
+        agent.wait_enrolled(expect_enrolled)?;
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Rewrites the config with `enrolled` pods and waits until exactly those are enrolled.
+    pub fn set_enrolled(&mut self, enrolled: &[&Pod]) -> Result<()> {
+        write_atomically(&self.config_path, &config_yaml(&self.node, enrolled, ""))?;
+        self.wait_enrolled(enrolled)
+    }
+
+    /// `GET /stats` from the agent's admin endpoint (in the node's namespace).
+    pub fn stats(&self) -> Result<Value> {
+        let out = self
+            .node
+            .command("curl")?
+            .args(["-sf", "--max-time", "5", &format!("http://{ADMIN_ADDR}/stats")])
+            .output()
+            .context("running curl for agent stats")?;
+        if !out.status.success() {
+            bail!("agent on node {} did not answer /stats", self.node.name);
+        }
+        serde_json::from_slice(&out.stdout).context("agent /stats is not JSON")
+    }
+
+    /// Names of pods the agent reports as enrolled.
+    pub fn enrolled_pods(&self) -> Result<Vec<String>> {
+        let stats = self.stats()?;
+        let pods = stats["pods"].as_object().cloned().unwrap_or_default();
+        Ok(pods
+            .iter()
+            .filter(|(_, status)| status["state"] == "enrolled")
+            .map(|(id, _)| id.trim_start_matches("lab/").to_owned())
+            .collect())
+    }
+
+    pub fn wait_enrolled(&mut self, pods: &[&Pod]) -> Result<()> {
+        let mut wanted: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+        wanted.sort();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("weft exited with {status}; log:\n{}", self.log());
+            }
+            if let Ok(mut enrolled) = self.enrolled_pods() {
+                enrolled.sort();
+                if enrolled == wanted {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("agent on node {} did not enroll {wanted:?} in time; log:\n{}", self.node.name, self.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` and waits (bounded) for the process to exit; returns its exit status code.
+    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else { bail!("agent already stopped") };
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("agent did not exit within {timeout:?} of signal {signal}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

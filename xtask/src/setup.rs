@@ -1,0 +1,143 @@
+//! Installs what building and testing weft needs on a Debian machine, idempotently: the nightly
+//! toolchain with rust-src, the LLVM matching the nightly, bpf-linker built against it, and the lab
+//! tools. When everything is present it only inspects and returns.
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+const LAB_PACKAGES: &[&str] = &["iproute2", "nginx-light", "curl", "bpftool", "iperf3", "procps"];
+
+pub fn ensure() -> Result<()> {
+    ensure_nightly()?;
+    let llvm_major = nightly_llvm_major()?;
+    let mut packages: Vec<String> = LAB_PACKAGES.iter().map(|p| p.to_string()).collect();
+    packages.extend([
+        format!("llvm-{llvm_major}-dev"),
+        format!("libpolly-{llvm_major}-dev"),
+        "libzstd-dev".into(),
+        "zlib1g-dev".into(),
+    ]);
+    ensure_debian_packages(&packages)?;
+    ensure_bpf_linker(llvm_major)?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_nightly() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("setup: installing the nightly toolchain (needed to build eBPF programs)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component", "list", "--toolchain", "nightly", "--installed",
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("setup: adding rust-src to nightly (for -Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// The LLVM major version the nightly rustc was built with; bpf-linker must link the same one.
+pub fn nightly_llvm_major() -> Result<u32> {
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    parse_llvm_major(&version).context("`rustc +nightly -vV` printed no LLVM version")
+}
+
+fn parse_llvm_major(rustc_version: &str) -> Option<u32> {
+    rustc_version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.trim().parse().ok())
+}
+
+fn ensure_debian_packages(packages: &[String]) -> Result<()> {
+    let missing: Vec<&String> = packages
+        .iter()
+        .filter(|pkg| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output()
+                .map(|out| !String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// The LLVM feature cargo recorded when it installed bpf-linker, if it did.
+fn installed_bpf_linker_feature() -> Option<String> {
+    let text = std::fs::read_to_string(cargo_home().join(".crates2.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let installs = json.get("installs")?.as_object()?;
+    let (_, entry) = installs.iter().find(|(key, _)| key.starts_with("bpf-linker "))?;
+    entry
+        .get("features")?
+        .as_array()?
+        .iter()
+        .filter_map(|f| f.as_str())
+        .find(|f| f.starts_with("llvm-"))
+        .map(str::to_owned)
+}
+
+fn ensure_bpf_linker(llvm_major: u32) -> Result<()> {
+    let wanted = format!("llvm-{llvm_major}");
+    let on_path = Command::new("bpf-linker")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if on_path && installed_bpf_linker_feature().as_deref() == Some(wanted.as_str()) {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker against LLVM {llvm_major} (takes a few minutes, once)");
+    let prefix = format!("/usr/lib/llvm-{llvm_major}");
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--force"])
+        .args(["--no-default-features", "--features", &wanted])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_llvm_major;
+
+    #[test]
+    fn llvm_major_is_read_from_rustc_version() {
+        let text = "rustc 1.97.0-nightly\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(parse_llvm_major(text), Some(22));
+        assert_eq!(parse_llvm_major("rustc 1.97.0\n"), None);
+    }
+}
