@@ -1,1 +1,500 @@
+//! Lab tests of outbound capture and the L4 proxy (need root: namespaces, cgroups, eBPF).
+use std::{
+    collections::HashMap,
+    fs,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
 
+use anyhow::{ensure, Context, Result};
+use weft_lab_tests::{
+    cgroup_program_ids, counter, curl, fetch, flow, program_loaded, serve_http_in, serve_reset_in,
+    TestLab,
+};
+use xtask::{
+    agent::{config_yaml, Agent},
+    lab::{write_atomically, Pod},
+};
+
+/// Our four hooks: connect4, connect6, sockops, sock_release.
+const ATTACHED_PROGRAMS: usize = 4;
+
+fn url(pod: &Pod) -> String {
+    format!("http://{}/", pod.ip)
+}
+
+/// Polls `check` until it holds or 10 s pass.
+fn eventually(what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check()? {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn cross_node_fetch_goes_through_the_agent_and_keeps_the_pod_ip() -> Result<()> {
+    let lab = TestLab::up("tcross", 2, 2)?;
+    let (a1, a2, b1) = (lab.pod("a1")?, lab.pod("a2")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
+
+    assert_eq!(fetch(a1, &url(b1))?, "hello from b1\n");
+    let destination = format!("{}:80", b1.ip);
+    eventually("the flow to close", || {
+        Ok(flow(&agent.stats()?, a1, &destination).is_some_and(|f| f["closed"] == 1))
+    })?;
+    let stats = agent.stats()?;
+    let a1_flow = flow(&stats, a1, &destination).context("no flow for a1 -> b1")?;
+    assert_eq!(a1_flow["opened"], 1);
+    assert_eq!(a1_flow["failed"], 0);
+    assert!(
+        a1_flow["bytes_sent"].as_u64() > Some(50),
+        "request bytes counted: {a1_flow}"
+    );
+    assert!(
+        a1_flow["bytes_received"].as_u64() > Some(100),
+        "response bytes counted: {a1_flow}"
+    );
+    assert_eq!(counter(&stats, "redirected"), 1);
+    assert_eq!(
+        b1.nginx_clients()?,
+        vec![a1.ip.to_string()],
+        "nginx must see the pod's own IP"
+    );
+
+    // A pod that is not enrolled reaches the same server directly; the agent sees nothing of it.
+    assert_eq!(fetch(a2, &url(b1))?, "hello from b1\n");
+    let stats = agent.stats()?;
+    assert!(flow(&stats, a2, &destination).is_none());
+    assert_eq!(counter(&stats, "redirected"), 1);
+    assert!(counter(&stats, "not_enrolled") >= 1);
+    assert_eq!(
+        b1.nginx_clients()?,
+        vec![a1.ip.to_string(), a2.ip.to_string()]
+    );
+    Ok(())
+}
+
+#[test]
+fn enrolling_and_releasing_a_running_pod_switches_capture_without_restarts() -> Result<()> {
+    let lab = TestLab::up("tenrol", 2, 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let mut agent = Agent::start(&lab, lab.node("a")?, &[])?;
+    let agent_pid = agent.pid();
+    let destination = format!("{}:80", b1.ip);
+    let opened = |agent: &Agent| -> Result<u64> {
+        Ok(flow(&agent.stats()?, a1, &destination)
+            .and_then(|f| f["opened"].as_u64())
+            .unwrap_or(0))
+    };
+
+    fetch(a1, &url(b1))?;
+    assert_eq!(opened(&agent)?, 0, "not enrolled yet: direct");
+    agent.set_enrolled(&[a1])?;
+    fetch(a1, &url(b1))?;
+    assert_eq!(opened(&agent)?, 1, "enrolled: captured");
+    agent.set_enrolled(&[])?;
+    fetch(a1, &url(b1))?;
+    assert_eq!(opened(&agent)?, 1, "released: direct again");
+    agent.set_enrolled(&[a1])?;
+    fetch(a1, &url(b1))?;
+    assert_eq!(opened(&agent)?, 2, "enrolled again: captured");
+    assert_eq!(agent.pid(), agent_pid, "the agent was not restarted");
+    assert_eq!(b1.nginx_clients()?.len(), 4);
+    Ok(())
+}
+
+#[test]
+fn a_thousand_concurrent_connections_reach_the_right_destinations() -> Result<()> {
+    const PER_PAIR: usize = 250;
+    let lab = TestLab::up("tconc", 2, 2)?;
+    let (a1, a2, b1, b2) = (
+        lab.pod("a1")?,
+        lab.pod("a2")?,
+        lab.pod("b1")?,
+        lab.pod("b2")?,
+    );
+    let _servers = (b1.start_nginx()?, b2.start_nginx()?);
+    let agent = Agent::start(&lab, lab.node("a")?, &[a1, a2])?;
+
+    // Four curl processes, each with PER_PAIR parallel transfers on their own connections.
+    let mut clients = Vec::new();
+    for client in [a1, a2] {
+        for server in [b1, b2] {
+            let out_dir = lab.dir.join(format!("out-{}-{}", client.name, server.name));
+            fs::create_dir_all(&out_dir)?;
+            let child = client
+                .command("curl")?
+                .args([
+                    "-sS",
+                    "--no-progress-meter",
+                    "--parallel",
+                    "--parallel-immediate",
+                    "--parallel-max",
+                    &PER_PAIR.to_string(),
+                ])
+                .args(["-H", "Connection: close", "--max-time", "30"])
+                .arg(format!("http://{}/?n=[1-{PER_PAIR}]", server.ip))
+                .args(["-o", &format!("{}/#1", out_dir.display())])
+                .stdout(Stdio::null())
+                .spawn()?;
+            clients.push((child, out_dir, server));
+        }
+    }
+    for (mut child, out_dir, server) in clients {
+        ensure!(child.wait()?.success(), "a curl batch failed");
+        let bodies: Vec<String> = fs::read_dir(&out_dir)?
+            .map(|entry| fs::read_to_string(entry?.path()).map_err(anyhow::Error::from))
+            .collect::<Result<_>>()?;
+        assert_eq!(bodies.len(), PER_PAIR);
+        let expected = format!("hello from {}\n", server.name);
+        assert!(
+            bodies.iter().all(|b| *b == expected),
+            "a response came from the wrong server"
+        );
+    }
+
+    eventually("all flows to close and the maps to empty", || {
+        let stats = agent.stats()?;
+        let tracked = &stats["tracked_connections"];
+        let all_closed = [a1, a2].iter().all(|client| {
+            [b1, b2].iter().all(|server| {
+                flow(&stats, client, &format!("{}:80", server.ip))
+                    .is_some_and(|f| f["opened"] == PER_PAIR && f["closed"] == PER_PAIR)
+            })
+        });
+        Ok(all_closed && tracked["connecting"] == 0 && tracked["established"] == 0)
+    })?;
+    let stats = agent.stats()?;
+    assert_eq!(counter(&stats, "redirected"), 4 * PER_PAIR as u64);
+    assert_eq!(counter(&stats, "tracking_full"), 0);
+    for server in [b1, b2] {
+        let mut per_client: HashMap<String, usize> = HashMap::new();
+        for ip in server.nginx_clients()? {
+            *per_client.entry(ip).or_default() += 1;
+        }
+        assert_eq!(
+            per_client.get(&a1.ip.to_string()),
+            Some(&PER_PAIR),
+            "{per_client:?}"
+        );
+        assert_eq!(
+            per_client.get(&a2.ip.to_string()),
+            Some(&PER_PAIR),
+            "{per_client:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn sigkill_and_restart_attach_once_and_sigterm_leaves_nothing() -> Result<()> {
+    let lab = TestLab::up("tlife", 2, 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let node = lab.node("a")?;
+    assert!(cgroup_program_ids(&node.pods_cgroup)?.is_empty());
+
+    let mut agent = Agent::start(&lab, node, &[a1])?;
+    assert_eq!(
+        cgroup_program_ids(&node.pods_cgroup)?.len(),
+        ATTACHED_PROGRAMS
+    );
+    fetch(a1, &url(b1))?;
+    agent.stop_with(libc::SIGKILL, Duration::from_secs(5))?;
+    // The links are file descriptors: the kernel detaches them when the process dies.
+    eventually("the killed agent's programs to detach", || {
+        Ok(cgroup_program_ids(&node.pods_cgroup)?.is_empty())
+    })?;
+    assert_eq!(
+        fetch(a1, &url(b1))?,
+        "hello from b1\n",
+        "without an agent the pod goes direct"
+    );
+
+    let mut agent = Agent::start(&lab, node, &[a1])?;
+    let ids = cgroup_program_ids(&node.pods_cgroup)?;
+    assert_eq!(ids.len(), ATTACHED_PROGRAMS, "attached once, not twice");
+    fetch(a1, &url(b1))?;
+    assert_eq!(
+        counter(&agent.stats()?, "redirected"),
+        1,
+        "the restarted agent captures again"
+    );
+
+    let exit = agent.stop_with(libc::SIGTERM, Duration::from_secs(10))?;
+    assert_eq!(
+        exit,
+        Some(0),
+        "SIGTERM is a clean exit; log:\n{}",
+        agent.log()
+    );
+    assert!(cgroup_program_ids(&node.pods_cgroup)?.is_empty());
+    for id in ids {
+        assert!(
+            !program_loaded(id)?,
+            "program {id} still loaded after SIGTERM"
+        );
+    }
+    assert_eq!(fetch(a1, &url(b1))?, "hello from b1\n");
+    Ok(())
+}
+
+#[test]
+fn sigterm_drains_open_connections_within_the_grace_period() -> Result<()> {
+    let lab = TestLab::up("tdrain", 2, 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let big = b1.dir.join("www/big");
+    // Far larger than socket buffers can hold, so the proxy is still copying at SIGTERM.
+    fs::write(&big, vec![b'x'; 64 * 1024 * 1024])?;
+    let mut agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
+
+    // A slow download (1 MB/s) is in flight when the agent is told to stop.
+    let download = a1
+        .command("curl")?
+        .args([
+            "-sS",
+            "--limit-rate",
+            "1M",
+            "--max-time",
+            "30",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+        ])
+        .arg(format!("http://{}/big", b1.ip))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    agent.stop_with(libc::SIGTERM, Duration::from_secs(10))?;
+    let stopped_after = started.elapsed();
+    let out = download.wait_with_output()?;
+    // The drain period in the lab config is 3 s: the download (about a minute) is cut at its end.
+    assert!(
+        stopped_after >= Duration::from_millis(2500),
+        "agent exited before draining: {stopped_after:?}, curl: {out:?}, log:\n{}",
+        agent.log()
+    );
+    assert!(
+        stopped_after < Duration::from_secs(6),
+        "drain was not bounded: {stopped_after:?}"
+    );
+    let downloaded: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        downloaded > 2 * 1024 * 1024,
+        "the connection kept flowing while draining: {downloaded}"
+    );
+    assert!(
+        downloaded < 64 * 1024 * 1024,
+        "the connection was cut when the drain period ended"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("closing connections still open after the drain period"),
+        "{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_config_missing_netns_and_failing_upstreams_leave_everything_else_serving() -> Result<()> {
+    let lab = TestLab::up("tbad", 2, 2)?;
+    let (a1, a2, b1, b2) = (
+        lab.pod("a1")?,
+        lab.pod("a2")?,
+        lab.pod("b1")?,
+        lab.pod("b2")?,
+    );
+    let _nginx = b1.start_nginx()?;
+    let node = lab.node("a")?;
+    let ghost_netns = format!("{}-ghost", lab.name);
+    let good = config_yaml(node, &[a1], "");
+    let with_ghost = format!(
+        "{good}  - name: ghost\n    namespace: lab\n    netns: /var/run/netns/{ghost_netns}\n"
+    );
+    let mut agent = Agent::start_with(&lab, node, &with_ghost, &[a1])?;
+
+    // A pod whose netns does not exist is reported with the reason; the others are served.
+    let stats = agent.stats()?;
+    let ghost = &stats["pods"]["lab/ghost"];
+    assert_eq!(ghost["state"], "failed", "{stats}");
+    assert!(
+        ghost["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot open network namespace"),
+        "{ghost}"
+    );
+    fetch(a1, &url(b1))?;
+    // Once the namespace appears, the agent retries and enrolls it.
+    xtask::run(Command::new("ip").args(["netns", "add", &ghost_netns]))?;
+    eventually("the ghost pod to be enrolled on retry", || {
+        Ok(agent.stats()?["pods"]["lab/ghost"]["state"] == "enrolled")
+    })?;
+
+    // Garbage and a misspelt key are rejected with the entry named; nothing changes.
+    write_atomically(agent.config_path(), "pods: [ {{{ not yaml")?;
+    write_atomically(
+        agent.config_path(),
+        &good.replace("    netns:", "    netnz:"),
+    )?;
+    eventually("the rejection to be logged", || {
+        Ok(agent.log().contains("pods[0]: unknown field `netnz`"))
+    })?;
+    assert!(agent
+        .log()
+        .contains("config rejected; the running state is unchanged"));
+    let enrolled = agent.enrolled_pods()?;
+    assert!(
+        enrolled.contains(&"a1".to_owned()) && enrolled.contains(&"ghost".to_owned()),
+        "{enrolled:?}"
+    );
+    fetch(a1, &url(b1))?;
+
+    // An enrolled pod listed under a netns that vanishes keeps the others going.
+    agent.set_enrolled(&[a1, a2])?;
+    xtask::run(Command::new("ip").args(["netns", "del", &a2.netns]))?;
+    fetch(a1, &url(b1))?;
+
+    // Refused upstream: the client sees a failure at once, the agent counts it and carries on.
+    let refused = curl(a1, &format!("http://{}:81/", b1.ip))?;
+    assert!(
+        refused.exit_code == Some(7) || refused.exit_code == Some(56),
+        "curl: {:?} {}",
+        refused.exit_code,
+        refused.stderr
+    );
+    let stats = agent.stats()?;
+    assert_eq!(
+        flow(&stats, a1, &format!("{}:81", b1.ip)).map(|f| f["failed"].clone()),
+        Some(1.into())
+    );
+    assert!(agent.log().contains("upstream connect failed"));
+
+    // Upstream reset mid-request: passed on to the client as a reset.
+    serve_reset_in(b2, "0.0.0.0:9000".parse()?)?;
+    let reset = curl(a1, &format!("http://{}:9000/", b2.ip))?;
+    assert_eq!(
+        reset.exit_code,
+        Some(56),
+        "curl should see a reset: {}",
+        reset.stderr
+    );
+    assert_eq!(fetch(a1, &url(b1))?, "hello from b1\n");
+    xtask::run(Command::new("ip").args(["netns", "del", &ghost_netns]))?;
+    Ok(())
+}
+
+#[test]
+fn loopback_ipv6_and_v4_mapped_connects_behave() -> Result<()> {
+    let lab = TestLab::up("tv6", 2, 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
+    serve_http_in(a1, "127.0.0.1:8080".parse()?, "v4 loopback")?;
+    serve_http_in(a1, "[::1]:8080".parse()?, "v6 loopback")?;
+
+    assert_eq!(fetch(a1, "http://127.0.0.1:8080/")?, "v4 loopback");
+    assert_eq!(fetch(a1, "http://[::1]:8080/")?, "v6 loopback");
+    let stats = agent.stats()?;
+    assert_eq!(
+        counter(&stats, "redirected"),
+        0,
+        "loopback is never captured"
+    );
+    assert!(counter(&stats, "excluded") >= 1);
+    assert!(counter(&stats, "ipv6_passthrough") >= 1);
+
+    // A dual-stack socket reaching an IPv4 peer through a v4-mapped address is captured too.
+    assert_eq!(
+        fetch(a1, &format!("http://[::ffff:{}]/", b1.ip))?,
+        "hello from b1\n"
+    );
+    let stats = agent.stats()?;
+    assert_eq!(counter(&stats, "redirected"), 1);
+    assert!(flow(&stats, a1, &format!("{}:80", b1.ip)).is_some());
+    assert_eq!(b1.nginx_clients()?, vec![a1.ip.to_string()]);
+    Ok(())
+}
+
+#[test]
+fn excluded_ports_and_cidrs_are_not_captured() -> Result<()> {
+    let lab = TestLab::up("texcl", 2, 2)?;
+    let (a1, b1, b2) = (lab.pod("a1")?, lab.pod("b1")?, lab.pod("b2")?);
+    let _servers = (b1.start_nginx()?, b2.start_nginx()?);
+    serve_http_in(b1, "0.0.0.0:8443".parse()?, "excluded port")?;
+    let node = lab.node("a")?;
+    let settings = format!("  exclude_ports: [8443]\n  exclude_cidrs: [{}/32]\n", b2.ip);
+    let agent = Agent::start_with(&lab, node, &config_yaml(node, &[a1], &settings), &[a1])?;
+
+    assert_eq!(
+        fetch(a1, &format!("http://{}:8443/", b1.ip))?,
+        "excluded port"
+    );
+    assert_eq!(fetch(a1, &url(b2))?, "hello from b2\n");
+    assert_eq!(counter(&agent.stats()?, "redirected"), 0);
+    assert_eq!(counter(&agent.stats()?, "excluded"), 2);
+    fetch(a1, &url(b1))?;
+    assert_eq!(
+        counter(&agent.stats()?, "redirected"),
+        1,
+        "other destinations are still captured"
+    );
+    Ok(())
+}
+
+#[test]
+fn startup_fails_fast_with_a_clear_message() -> Result<()> {
+    let lab = TestLab::up("tstart", 1, 1)?;
+    let node = lab.node("a")?;
+    let binary = xtask::agent::weft_binary();
+    let run_with = |config: &str| -> Result<(bool, String)> {
+        let path = lab.dir.join("startup.yaml");
+        fs::write(&path, config)?;
+        let out = Command::new(&binary)
+            .args(["run", "--config", &path.to_string_lossy()])
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (ok, err) = run_with("agent:\n  cgroup_path: /nonexistent/cgroup\n")?;
+    assert!(
+        !ok && err.contains("cgroup path /nonexistent/cgroup does not exist"),
+        "{err}"
+    );
+    let (ok, err) = run_with("agent:\n  cgroup_path: /proc\n")?;
+    assert!(
+        !ok && err.contains("not on a cgroup v2 filesystem"),
+        "{err}"
+    );
+    let (ok, err) = run_with("pods: 42\n")?;
+    assert!(!ok && err.contains("invalid configuration"), "{err}");
+
+    // Not root: refused before touching anything.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .arg("run")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("must run as root"),
+        "{err}"
+    );
+    assert!(cgroup_program_ids(&node.pods_cgroup)?.is_empty());
+    Ok(())
+}

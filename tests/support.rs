@@ -1,1 +1,196 @@
-//! Helpers shared by the lab tests.
+//! Helpers shared by the lab tests: a lab that removes itself, curl in a pod, tiny servers inside a
+//! pod's network namespace, and bpftool queries.
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    ops::Deref,
+    os::fd::AsRawFd,
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use xtask::lab::{Lab, LabSpec, Pod};
+
+/// A lab that is taken down when the test ends, pass or fail.
+pub struct TestLab(Lab);
+
+impl TestLab {
+    pub fn up(name: &str, nodes: usize, pods_per_node: usize) -> Result<Self> {
+        xtask::require_root("lab tests")?;
+        Ok(Self(Lab::up(&LabSpec {
+            name: name.into(),
+            nodes,
+            pods_per_node,
+        })?))
+    }
+}
+
+impl Deref for TestLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.0
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Err(err) = Lab::down(&self.0.name) {
+            eprintln!("lab {} teardown failed: {err:#}", self.0.name);
+        }
+    }
+}
+
+pub struct CurlResult {
+    pub exit_code: Option<i32>,
+    pub body: String,
+    pub stderr: String,
+}
+
+/// `curl URL` from inside `pod`, bounded to 5 s.
+pub fn curl(pod: &Pod, url: &str) -> Result<CurlResult> {
+    let out = pod
+        .command("curl")?
+        .args(["-sS", "--max-time", "5", url])
+        .output()
+        .context("running curl in a pod")?;
+    Ok(CurlResult {
+        exit_code: out.status.code(),
+        body: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `curl URL` from `pod` that must succeed; returns the body.
+pub fn fetch(pod: &Pod, url: &str) -> Result<String> {
+    let result = curl(pod, url)?;
+    if result.exit_code != Some(0) {
+        bail!(
+            "curl {url} from {} failed ({:?}): {}",
+            pod.name,
+            result.exit_code,
+            result.stderr
+        );
+    }
+    Ok(result.body)
+}
+
+/// The flow entry of `/stats` for (pod, destination), if the agent has one.
+pub fn flow<'a>(stats: &'a Value, pod: &Pod, destination: &str) -> Option<&'a Value> {
+    let source = format!("lab/{}", pod.name);
+    stats["flows"]
+        .as_array()?
+        .iter()
+        .find(|f| f["source_pod"] == source.as_str() && f["destination"] == destination)
+}
+
+pub fn counter(stats: &Value, name: &str) -> u64 {
+    stats["ebpf"][name].as_u64().unwrap_or(0)
+}
+
+/// A TCP listener bound inside `pod`'s network namespace (created by a thread that enters it).
+pub fn listen_in(pod: &Pod, addr: SocketAddr) -> Result<TcpListener> {
+    let netns = File::open(pod.netns_path()).context("opening pod netns")?;
+    thread::spawn(move || -> Result<TcpListener> {
+        // SAFETY: setns on this short-lived thread only; the fd is valid.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns into pod");
+        }
+        TcpListener::bind(addr).with_context(|| format!("binding {addr} in pod"))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("listener thread panicked"))?
+}
+
+/// Serves `pod` at `addr`: each connection gets `response` after its request head, then closes.
+pub fn serve_http_in(pod: &Pod, addr: SocketAddr, response_body: &'static str) -> Result<()> {
+    let listener = listen_in(pod, addr)?;
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = answer_http(stream, response_body);
+        }
+    });
+    Ok(())
+}
+
+fn answer_http(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
+    read_request_head(&mut stream)?;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn read_request_head(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte)? == 1 {
+        head.push(byte[0]);
+    }
+    Ok(())
+}
+
+/// Serves `pod` at `addr` with a server that reads the request and then resets the connection.
+pub fn serve_reset_in(pod: &Pod, addr: SocketAddr) -> Result<()> {
+    let listener = listen_in(pod, addr)?;
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = read_request_head(&mut stream);
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: valid fd and a properly sized linger struct; closing then sends RST.
+            unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Ids of the BPF programs attached to `cgroup` (any attach type).
+pub fn cgroup_program_ids(cgroup: &std::path::Path) -> Result<Vec<u64>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .context("running bpftool (installed by `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool cgroup show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let json: Value = serde_json::from_str(&text).context("bpftool output is not JSON")?;
+    Ok(json
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect())
+}
+
+/// Whether a BPF program with `id` is still loaded in the kernel.
+pub fn program_loaded(id: u64) -> Result<bool> {
+    let status = Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .context("running bpftool")?;
+    Ok(status.status.success())
+}

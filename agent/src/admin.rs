@@ -3,7 +3,10 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, Result};
 use http_body_util::Full;
-use hyper::{body::Bytes, header, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper::{
+    body::Bytes, header, server::conn::http1, service::service_fn, Method, Request, Response,
+    StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -37,7 +40,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
-            if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 debug!(error = %err, "admin connection error");
             }
         });
@@ -57,17 +63,19 @@ fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
                 .into_iter()
                 .map(|(name, value)| (name.to_owned(), value.into()))
                 .collect();
+            let (connecting, established) = state.datapath.tracked_connections();
             let body = json!({
                 "ebpf": ebpf,
-                "tracked_connections": state.datapath.tracked_connections(),
+                "tracked_connections": { "connecting": connecting, "established": established },
                 "unknown_origin": state.stats.unknown_origin.load(std::sync::atomic::Ordering::Relaxed),
                 "pods": &*lock(&state.pods),
                 "flows": state.stats.snapshot(),
             });
             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             response
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

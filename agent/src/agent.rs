@@ -44,7 +44,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
 
     let datapath = Arc::new(Datapath::attach(
         &settings.cgroup_path,
-        Settings { agent_mark: settings.socket_mark, outbound_port: settings.outbound_port, _pad: 0 },
+        Settings {
+            agent_mark: settings.socket_mark,
+            outbound_port: settings.outbound_port,
+            _pad: 0,
+        },
     )?);
     datapath.set_exclusions(&settings.exclude_ports, &settings.exclude_cidrs)?;
     info!(cgroup = %settings.cgroup_path.display(), "eBPF programs attached");
@@ -61,8 +65,16 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     enrollment.apply(&config).await;
 
     let stop_admin = CancellationToken::new();
-    let admin_state = Arc::new(AdminState { datapath: Arc::clone(&datapath), stats, pods: enrollment.status() });
-    tokio::spawn(admin::serve(admin_listener, admin_state, stop_admin.clone()));
+    let admin_state = Arc::new(AdminState {
+        datapath: Arc::clone(&datapath),
+        stats,
+        pods: enrollment.status(),
+    });
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        stop_admin.clone(),
+    ));
     info!(admin = %settings.admin_addr, "weft is running");
 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
@@ -100,8 +112,15 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     stop_admin.cancel();
     ctx.connections.close();
     let drain = settings.drain_timeout();
-    if tokio::time::timeout(drain, ctx.connections.wait()).await.is_err() {
-        warn!(open = ctx.connections.len(), grace_ms = drain.as_millis() as u64, "closing connections still open after the drain period");
+    if tokio::time::timeout(drain, ctx.connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = ctx.connections.len(),
+            grace_ms = drain.as_millis() as u64,
+            "closing connections still open after the drain period"
+        );
     }
     info!("stopped");
     Ok(())
@@ -110,7 +129,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
 /// Exclusions apply live; the other agent settings are fixed at start-up.
 fn apply_settings_change(running: &AgentSettings, new: &AgentSettings, datapath: &Datapath) {
     if let Err(err) = datapath.set_exclusions(&new.exclude_ports, &new.exclude_cidrs) {
-        error!(error = format!("{err:#}"), "cannot update excluded ports/CIDRs");
+        error!(
+            error = format!("{err:#}"),
+            "cannot update excluded ports/CIDRs"
+        );
     }
     let restart_only = AgentSettings {
         exclude_ports: running.exclude_ports.clone(),
@@ -123,7 +145,10 @@ fn apply_settings_change(running: &AgentSettings, new: &AgentSettings, datapath:
 }
 
 /// Watches the config file's directory (editors and ConfigMaps replace files by renaming).
-fn watch_config(path: &Path, reload: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
+fn watch_config(
+    path: &Path,
+    reload: mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher> {
     let dir = path
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
@@ -132,7 +157,11 @@ fn watch_config(path: &Path, reload: mpsc::UnboundedSender<()>) -> Result<notify
     let file_name = path.file_name().map(ToOwned::to_owned);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
-            if event.paths.iter().any(|p| p.file_name() == file_name.as_deref()) {
+            if event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == file_name.as_deref())
+            {
                 let _ = reload.send(());
             }
         }

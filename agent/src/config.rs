@@ -117,7 +117,10 @@ impl Config {
     fn validate(&self) -> Result<()> {
         let agent = &self.agent;
         if !agent.cgroup_path.is_absolute() {
-            bail!("agent.cgroup_path must be absolute, got {}", agent.cgroup_path.display());
+            bail!(
+                "agent.cgroup_path must be absolute, got {}",
+                agent.cgroup_path.display()
+            );
         }
         if agent.outbound_port == 0 {
             bail!("agent.outbound_port must not be 0");
@@ -139,13 +142,19 @@ impl Config {
                 bail!("{entry}: namespace {:?} is not a DNS label", pod.namespace);
             }
             if !pod.netns.is_absolute() {
-                bail!("{entry}: netns must be an absolute path, got {:?}", pod.netns);
+                bail!(
+                    "{entry}: netns must be an absolute path, got {:?}",
+                    pod.netns
+                );
             }
             if !seen_ids.insert(pod.id()) {
                 bail!("{entry}: the pod is listed twice");
             }
             if !seen_netns.insert(&pod.netns) {
-                bail!("{entry}: netns {} is already used by another pod", pod.netns.display());
+                bail!(
+                    "{entry}: netns {} is already used by another pod",
+                    pod.netns.display()
+                );
             }
         }
         Ok(())
@@ -155,7 +164,8 @@ impl Config {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -198,11 +208,17 @@ mod tests {
     #[test]
     fn invalid_entries_are_rejected_with_their_index() {
         let err = error_of("pods:\n  - name: web\n    netns: relative/path\n");
-        assert!(err.contains("pods[0] (default/web)") && err.contains("absolute"), "{err}");
+        assert!(
+            err.contains("pods[0] (default/web)") && err.contains("absolute"),
+            "{err}"
+        );
         let err = error_of("pods:\n  - name: a\n    netns: /x\n  - name: a\n    netns: /y\n");
         assert!(err.contains("pods[1]") && err.contains("twice"), "{err}");
         let err = error_of("pods:\n  - name: a\n    netns: /x\n  - name: b\n    netns: /x\n");
-        assert!(err.contains("pods[1]") && err.contains("already used"), "{err}");
+        assert!(
+            err.contains("pods[1]") && err.contains("already used"),
+            "{err}"
+        );
         let err = error_of("pods:\n  - name: Not_A_Label\n    netns: /x\n");
         assert!(err.contains("DNS label"), "{err}");
     }

@@ -30,6 +30,7 @@ pub struct Datapath {
     excluded_ports: Mutex<HashMap<MapData, u16, u8>>,
     excluded_cidrs: Mutex<LpmTrie<MapData, u32, u8>>,
     orig_dst: HashMap<MapData, ClientKey, OrigDst>,
+    pending_connects: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -40,8 +41,8 @@ pub fn check_cgroup2_dir(path: &Path) -> Result<()> {
     if !meta.is_dir() {
         bail!("cgroup path {} is not a directory", path.display());
     }
-    let stat = nix::sys::statfs::statfs(path)
-        .with_context(|| format!("statfs {}", path.display()))?;
+    let stat =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
     if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
         bail!(
             "cgroup path {} is not on a cgroup v2 filesystem (find it with `mount -t cgroup2`)",
@@ -75,6 +76,7 @@ impl Datapath {
             HashMap::try_from(take_map(&mut ebpf, maps::EXCLUDED_PORTS)?)?,
             LpmTrie::try_from(take_map(&mut ebpf, maps::EXCLUDED_CIDRS)?)?,
             HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST_BY_CLIENT)?)?,
+            HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST_BY_COOKIE)?)?,
             PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?,
         );
         let cgroup = File::open(cgroup_path)
@@ -85,26 +87,34 @@ impl Datapath {
         for name in ["weft_connect4", "weft_connect6"] {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             program.load().with_context(|| kernel_feature_error(name))?;
-            program.attach(&cgroup, mode).with_context(|| attach_error(name, cgroup_path))?;
+            program
+                .attach(&cgroup, mode)
+                .with_context(|| attach_error(name, cgroup_path))?;
         }
         let sockops: &mut SockOps = program(&mut ebpf, "weft_sockops")?.try_into()?;
-        sockops.load().with_context(|| kernel_feature_error("weft_sockops"))?;
+        sockops
+            .load()
+            .with_context(|| kernel_feature_error("weft_sockops"))?;
         sockops
             .attach(&cgroup, mode)
             .with_context(|| attach_error("weft_sockops", cgroup_path))?;
         let release: &mut CgroupSock = program(&mut ebpf, "weft_sock_release")?.try_into()?;
-        release.load().with_context(|| kernel_feature_error("weft_sock_release"))?;
+        release
+            .load()
+            .with_context(|| kernel_feature_error("weft_sock_release"))?;
         release
             .attach(&cgroup, mode)
             .with_context(|| attach_error("weft_sock_release", cgroup_path))?;
 
-        let (enrolled, excluded_ports, excluded_cidrs, orig_dst, counters) = datapath_maps;
+        let (enrolled, excluded_ports, excluded_cidrs, orig_dst, pending_connects, counters) =
+            datapath_maps;
         Ok(Self {
             programs: Mutex::new(Some(ebpf)),
             enrolled: Mutex::new(enrolled),
             excluded_ports: Mutex::new(excluded_ports),
             excluded_cidrs: Mutex::new(excluded_cidrs),
             orig_dst,
+            pending_connects,
             counters,
         })
     }
@@ -137,12 +147,19 @@ impl Datapath {
             port_map.remove(port).context("removing an excluded port")?;
         }
         for port in ports {
-            port_map.insert(port, 1, 0).with_context(|| format!("excluding port {port}"))?;
+            port_map
+                .insert(port, 1, 0)
+                .with_context(|| format!("excluding port {port}"))?;
         }
         let mut cidr_map = lock(&self.excluded_cidrs);
         let wanted: Vec<(u32, u32)> = cidrs
             .iter()
-            .map(|net| (u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets())))
+            .map(|net| {
+                (
+                    u32::from(net.prefix_len()),
+                    u32::from_ne_bytes(net.network().octets()),
+                )
+            })
             .collect();
         let stale: Vec<Key<u32>> = cidr_map.keys().filter_map(Result::ok).collect();
         for key in stale {
@@ -159,7 +176,11 @@ impl Datapath {
     }
 
     /// Where the connection from `client` (as accepted in the pod with `netns_cookie`) was going.
-    pub fn original_destination(&self, netns_cookie: u64, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    pub fn original_destination(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddrV4,
+    ) -> Option<SocketAddrV4> {
         let key = ClientKey {
             netns_cookie,
             ip: u32::from_ne_bytes(client.ip().octets()),
@@ -167,12 +188,18 @@ impl Datapath {
             _pad: 0,
         };
         let orig = self.orig_dst.get(&key, 0).ok()?;
-        Some(SocketAddrV4::new(Ipv4Addr::from(orig.ip.to_ne_bytes()), orig.port))
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(orig.ip.to_ne_bytes()),
+            orig.port,
+        ))
     }
 
-    /// Number of connections the kernel currently tracks for the agent.
-    pub fn tracked_connections(&self) -> usize {
-        self.orig_dst.keys().count()
+    /// Redirected connections the kernel tracks: (connecting, established).
+    pub fn tracked_connections(&self) -> (usize, usize) {
+        (
+            self.pending_connects.keys().count(),
+            self.orig_dst.keys().count(),
+        )
     }
 
     /// The per-CPU counters summed over CPUs, by name.
@@ -209,10 +236,12 @@ fn attach_error(name: &str, cgroup: &Path) -> String {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit reads a valid, initialised struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on Linux >= 5.11");
     }
 }
-

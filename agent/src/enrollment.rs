@@ -43,7 +43,12 @@ pub struct Enrollment {
 
 impl Enrollment {
     pub fn new(ctx: Arc<ProxyContext>, outbound_port: u16) -> Self {
-        Self { ctx, outbound_port, enrolled: BTreeMap::new(), status: PodStatusTable::default() }
+        Self {
+            ctx,
+            outbound_port,
+            enrolled: BTreeMap::new(),
+            status: PodStatusTable::default(),
+        }
     }
 
     pub fn status(&self) -> PodStatusTable {
@@ -52,7 +57,9 @@ impl Enrollment {
 
     /// True when some configured pod could not be enrolled (worth retrying later).
     pub fn has_failures(&self) -> bool {
-        lock(&self.status).values().any(|s| matches!(s, PodStatus::Failed { .. }))
+        lock(&self.status)
+            .values()
+            .any(|s| matches!(s, PodStatus::Failed { .. }))
     }
 
     /// Brings the enrolled pods in line with `config`. A pod that fails is reported and skipped;
@@ -76,11 +83,17 @@ impl Enrollment {
             let status = match self.enroll(spec).await {
                 Ok(cookie) => {
                     info!(pod = %id, netns = %spec.netns.display(), netns_cookie = cookie, "pod enrolled");
-                    PodStatus::Enrolled { netns: spec.netns.display().to_string(), netns_cookie: cookie }
+                    PodStatus::Enrolled {
+                        netns: spec.netns.display().to_string(),
+                        netns_cookie: cookie,
+                    }
                 }
                 Err(err) => {
                     error!(pod = %id, error = format!("{err:#}"), "cannot enroll pod; will retry");
-                    PodStatus::Failed { netns: spec.netns.display().to_string(), error: format!("{err:#}") }
+                    PodStatus::Failed {
+                        netns: spec.netns.display().to_string(),
+                        error: format!("{err:#}"),
+                    }
                 }
             };
             lock(&self.status).insert(id, status);
@@ -92,27 +105,46 @@ impl Enrollment {
         let netns = PodNetns::enter(&spec.netns, format!("netns-{}", spec.name))?;
         let cookie = netns.cookie();
         if let Some((other, _)) = self.enrolled.iter().find(|(_, pod)| pod.cookie == cookie) {
-            bail!("netns {} is the same namespace as pod {other}'s", spec.netns.display());
+            bail!(
+                "netns {} is the same namespace as pod {other}'s",
+                spec.netns.display()
+            );
         }
         let listen_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let listener = netns
-            .listen(listen_addr)
-            .await
-            .with_context(|| format!("opening the outbound listener {listen_addr} inside the pod"))?;
+        let listener = netns.listen(listen_addr).await.with_context(|| {
+            format!("opening the outbound listener {listen_addr} inside the pod")
+        })?;
         let stop_accepting = CancellationToken::new();
-        let proxy = Arc::new(PodProxy { id: id.clone(), netns });
-        tokio::spawn(run_outbound(listener, proxy, Arc::clone(&self.ctx), stop_accepting.clone()));
+        let proxy = Arc::new(PodProxy {
+            id: id.clone(),
+            netns,
+        });
+        tokio::spawn(run_outbound(
+            listener,
+            proxy,
+            Arc::clone(&self.ctx),
+            stop_accepting.clone(),
+        ));
         // The listener exists before the pod is marked enrolled, so no redirected connect is refused.
         if let Err(err) = self.ctx.datapath.enroll(cookie) {
             stop_accepting.cancel();
             return Err(err);
         }
-        self.enrolled.insert(id, EnrolledPod { spec: spec.clone(), cookie, stop_accepting });
+        self.enrolled.insert(
+            id,
+            EnrolledPod {
+                spec: spec.clone(),
+                cookie,
+                stop_accepting,
+            },
+        );
         Ok(cookie)
     }
 
     fn unenroll(&mut self, id: &PodId) {
-        let Some(pod) = self.enrolled.remove(id) else { return };
+        let Some(pod) = self.enrolled.remove(id) else {
+            return;
+        };
         // Release capture first so the pod's next connect goes direct, then close the listener.
         // Connections already proxied keep running until they end.
         if let Err(err) = self.ctx.datapath.unenroll(pod.cookie) {
@@ -129,4 +161,3 @@ impl Enrollment {
         }
     }
 }
-

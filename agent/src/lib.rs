@@ -15,5 +15,7 @@ pub mod stats;
 /// Locks a mutex, ignoring poisoning: none of the state behind weft's mutexes can be left
 /// half-updated by a panicking holder.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -84,7 +84,8 @@ impl PodNetns {
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let std_listener = self
             .run(move || {
-                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                let socket =
+                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_reuse_address(true)?;
                 socket.set_nonblocking(true)?;
                 socket.bind(&addr.into())?;
@@ -96,7 +97,11 @@ impl PodNetns {
     }
 
     /// An unconnected TCP socket inside the pod, carrying `mark` so the capture hooks skip it.
-    pub async fn upstream_socket(&self, ipv6: bool, mark: u32) -> io::Result<tokio::net::TcpSocket> {
+    pub async fn upstream_socket(
+        &self,
+        ipv6: bool,
+        mark: u32,
+    ) -> io::Result<tokio::net::TcpSocket> {
         let socket = self
             .run(move || {
                 let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
@@ -138,7 +143,9 @@ mod tests {
 
     #[test]
     fn a_missing_namespace_is_a_clear_error() {
-        let err = PodNetns::enter(Path::new("/nonexistent/netns"), "t".into()).err().unwrap();
+        let err = PodNetns::enter(Path::new("/nonexistent/netns"), "t".into())
+            .err()
+            .unwrap();
         assert!(format!("{err:#}").contains("cannot open network namespace /nonexistent/netns"));
     }
 
@@ -146,7 +153,10 @@ mod tests {
     fn a_file_that_is_not_a_namespace_is_rejected() {
         let file = tempfile::NamedTempFile::new().unwrap();
         let err = PodNetns::enter(file.path(), "t".into()).err().unwrap();
-        assert!(format!("{err:#}").contains("cannot enter network namespace"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("cannot enter network namespace"),
+            "{err:#}"
+        );
     }
 
     #[tokio::test]

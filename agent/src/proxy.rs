@@ -53,7 +53,9 @@ pub async fn run_outbound(
         match accepted {
             Ok((client, peer)) => {
                 let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
-                ctx.connections.clone().spawn(async move { proxy_connection(&ctx, &pod, client, peer).await });
+                ctx.connections
+                    .clone()
+                    .spawn(async move { proxy_connection(&ctx, &pod, client, peer).await });
             }
             Err(err) => {
                 // Usually fd exhaustion: back off instead of spinning, keep serving.
@@ -88,8 +90,14 @@ async fn proxy_connection(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream,
         }
     };
     let _ = client.set_nodelay(true);
-    let mut client = Metered { inner: client, bytes_read: &flow.bytes_sent };
-    let mut upstream = Metered { inner: upstream, bytes_read: &flow.bytes_received };
+    let mut client = Metered {
+        inner: client,
+        bytes_read: &flow.bytes_sent,
+    };
+    let mut upstream = Metered {
+        inner: upstream,
+        bytes_read: &flow.bytes_received,
+    };
     let result = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
@@ -99,8 +107,15 @@ async fn proxy_connection(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream,
     .await;
     flow.closed.fetch_add(1, Relaxed);
     match result {
-        Ok((sent, received)) => debug!(pod = %pod.id, %destination, sent, received, "connection closed"),
-        Err(err) => info!(pod = %pod.id, %destination, error = %err, "connection ended with an error"),
+        Ok((sent, received)) => {
+            debug!(pod = %pod.id, %destination, sent, received, "connection closed")
+        }
+        Err(err) => {
+            info!(pod = %pod.id, %destination, error = %err, "connection ended with an error");
+            // Pass an abort on as an abort (RST) to both ends, not as a clean end of stream.
+            let _ = client.inner.set_zero_linger();
+            let _ = upstream.inner.set_zero_linger();
+        }
     }
 }
 
@@ -122,16 +137,25 @@ struct Metered<'a, S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.bytes_read.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        self.bytes_read
+            .fetch_add((buf.filled().len() - before) as u64, Relaxed);
         poll
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

@@ -54,8 +54,11 @@ impl Stats {
         let mut snapshot: Vec<FlowSnapshot> = flows
             .iter()
             .map(|((pod, destination), c)| {
-                let (opened, closed, failed) =
-                    (c.opened.load(Relaxed), c.closed.load(Relaxed), c.failed.load(Relaxed));
+                let (opened, closed, failed) = (
+                    c.opened.load(Relaxed),
+                    c.closed.load(Relaxed),
+                    c.failed.load(Relaxed),
+                );
                 FlowSnapshot {
                     source_pod: pod.clone(),
                     destination: *destination,
@@ -68,7 +71,8 @@ impl Stats {
                 }
             })
             .collect();
-        snapshot.sort_by(|a, b| (&a.source_pod, a.destination).cmp(&(&b.source_pod, b.destination)));
+        snapshot
+            .sort_by(|a, b| (&a.source_pod, a.destination).cmp(&(&b.source_pod, b.destination)));
         snapshot
     }
 }
@@ -90,7 +94,15 @@ mod tests {
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.len(), 2);
         let web_flow = snapshot.iter().find(|f| f.source_pod == web).unwrap();
-        assert_eq!((web_flow.opened, web_flow.closed, web_flow.active, web_flow.bytes_sent), (2, 1, 1, 10));
+        assert_eq!(
+            (
+                web_flow.opened,
+                web_flow.closed,
+                web_flow.active,
+                web_flow.bytes_sent
+            ),
+            (2, 1, 1, 10)
+        );
         let db_flow = snapshot.iter().find(|f| f.source_pod == db).unwrap();
         assert_eq!((db_flow.failed, db_flow.active), (1, 0));
     }
