@@ -9,12 +9,12 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use weft_lab_tests::{
-    cgroup_program_ids, counter, curl, fetch, flow, program_loaded, serve_http_in, serve_reset_in,
-    TestLab,
+    cgroup_program_ids, counter, curl, fetch, flow, program_loaded, serve_count_in, serve_http_in,
+    serve_reset_in, TestLab,
 };
 use xtask::{
     agent::{config_yaml, Agent},
-    lab::{write_atomically, Pod},
+    lab::{write_atomically, Lab, LabSpec, Pod},
 };
 
 /// Our four hooks: connect4, connect6, sockops, sock_release.
@@ -496,5 +496,70 @@ fn startup_fails_fast_with_a_clear_message() -> Result<()> {
         "{err}"
     );
     assert!(cgroup_program_ids(&node.pods_cgroup)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn half_close_passes_through_the_proxy() -> Result<()> {
+    const BYTES: usize = 3 * 1024 * 1024;
+    let lab = TestLab::up("thalf", 2, 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    serve_count_in(b1, "0.0.0.0:7000".parse()?)?;
+    let agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
+
+    // The server answers only after it sees the client's end of stream, which must cross the proxy
+    // while the other direction stays open for the reply.
+    let out = a1
+        .command(env!("CARGO_BIN_EXE_half-close-client"))?
+        .args([format!("{}:7000", b1.ip), BYTES.to_string()])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("received {BYTES} bytes")
+    );
+    let stats = agent.stats()?;
+    let half = flow(&stats, a1, &format!("{}:7000", b1.ip)).context("flow not counted")?;
+    assert_eq!(half["bytes_sent"], BYTES);
+    Ok(())
+}
+
+#[test]
+fn lab_down_removes_everything_after_a_crash() -> Result<()> {
+    xtask::require_root("lab tests")?;
+    let spec = LabSpec {
+        name: "tcrash".into(),
+        nodes: 2,
+        pods_per_node: 2,
+    };
+    let lab = Lab::up(&spec)?;
+    let b1 = lab.pod("b1")?;
+    // Leave processes running as a crashed run would: nothing is stopped before `down`.
+    let nginx = b1.start_nginx()?;
+    let agent = Agent::start(&lab, lab.node("a")?, &[lab.pod("a1")?])?;
+    let pids = [nginx.id(), agent.pid().context("agent has no pid")?];
+    std::mem::forget(agent);
+
+    Lab::down(&spec.name)?;
+    let leftovers: Vec<String> = fs::read_dir("/var/run/netns")?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with("tcrash-"))
+        .collect();
+    assert!(leftovers.is_empty(), "namespaces left: {leftovers:?}");
+    assert!(!lab.cgroup_root.exists(), "cgroup tree left");
+    assert!(!lab.dir.exists(), "lab files left");
+    for pid in pids {
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z"),
+            "process {pid} survived: {state}"
+        );
+    }
+    // Tearing down what is already gone is fine.
+    Lab::down(&spec.name)?;
     Ok(())
 }

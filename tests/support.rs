@@ -135,6 +135,20 @@ fn read_request_head(stream: &mut TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Serves `pod` at `addr`: reads each connection to its end, then answers with the byte count.
+pub fn serve_count_in(pod: &Pod, addr: SocketAddr) -> Result<()> {
+    let listener = listen_in(pod, addr)?;
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut received = Vec::new();
+            if stream.read_to_end(&mut received).is_ok() {
+                let _ = write!(stream, "received {} bytes", received.len());
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Serves `pod` at `addr` with a server that reads the request and then resets the connection.
 pub fn serve_reset_in(pod: &Pod, addr: SocketAddr) -> Result<()> {
     let listener = listen_in(pod, addr)?;
