@@ -31,7 +31,11 @@ pub fn config_yaml(node: &Node, enrolled: &[&Pod], extra_agent_settings: &str) -
         yaml = yaml.replace("pods:\n", "pods: []\n");
     }
     for pod in enrolled {
-        yaml.push_str(&format!("  - name: {}\n    namespace: lab\n    netns: {}\n", pod.name, pod.netns_path().display()));
+        yaml.push_str(&format!(
+            "  - name: {}\n    namespace: lab\n    netns: {}\n",
+            pod.name,
+            pod.netns_path().display()
+        ));
     }
     yaml
 }
@@ -50,7 +54,12 @@ impl Agent {
     }
 
     /// Starts weft with the given config text; `expect_enrolled` are waited for.
-    pub fn start_with(lab: &Lab, node: &Node, config: &str, expect_enrolled: &[&Pod]) -> Result<Agent> {
+    pub fn start_with(
+        lab: &Lab,
+        node: &Node,
+        config: &str,
+        expect_enrolled: &[&Pod],
+    ) -> Result<Agent> {
         let node_dir = lab.dir.join(format!("node-{}", node.name));
         fs::create_dir_all(&node_dir)?;
         let config_path = node_dir.join("weft.yaml");
@@ -59,17 +68,28 @@ impl Agent {
         let log = File::options().create(true).append(true).open(&log_path)?;
         let binary = weft_binary();
         if !binary.exists() {
-            bail!("{} does not exist: build it with `cargo xtask build`", binary.display());
+            bail!(
+                "{} does not exist: build it with `cargo xtask build`",
+                binary.display()
+            );
         }
         let child = crate::lab::command_in(&node.netns, Some(&node.agent_cgroup), &binary)?
             .args(["run", "--config", &config_path.to_string_lossy()])
-            .env("WEFT_LOG", std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "WEFT_LOG",
+                std::env::var("WEFT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let mut agent = Agent { node: node.clone(), config_path, log_path, child: Some(child) };
+        let mut agent = Agent {
+            node: node.clone(),
+            config_path,
+            log_path,
+            child: Some(child),
+        };
         agent.wait_enrolled(expect_enrolled)?;
         Ok(agent)
     }
@@ -93,7 +113,12 @@ impl Agent {
         let out = self
             .node
             .command("curl")?
-            .args(["-sf", "--max-time", "5", &format!("http://{ADMIN_ADDR}/stats")])
+            .args([
+                "-sf",
+                "--max-time",
+                "5",
+                &format!("http://{ADMIN_ADDR}/stats"),
+            ])
             .output()
             .context("running curl for agent stats")?;
         if !out.status.success() {
@@ -118,7 +143,11 @@ impl Agent {
         wanted.sort();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("weft exited with {status}; log:\n{}", self.log());
             }
             if let Ok(mut enrolled) = self.enrolled_pods() {
@@ -128,7 +157,11 @@ impl Agent {
                 }
             }
             if Instant::now() > deadline {
-                bail!("agent on node {} did not enroll {wanted:?} in time; log:\n{}", self.node.name, self.log());
+                bail!(
+                    "agent on node {} did not enroll {wanted:?} in time; log:\n{}",
+                    self.node.name,
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -136,7 +169,9 @@ impl Agent {
 
     /// Sends `signal` and waits (bounded) for the process to exit; returns its exit status code.
     pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> Result<Option<i32>> {
-        let Some(mut child) = self.child.take() else { bail!("agent already stopped") };
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped")
+        };
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + timeout;

@@ -77,7 +77,10 @@ impl Pod {
     pub fn start_nginx(&self) -> Result<Child> {
         let www = self.dir.join("www");
         fs::create_dir_all(&www)?;
-        fs::write(www.join("index.html"), format!("hello from {}\n", self.name))?;
+        fs::write(
+            www.join("index.html"),
+            format!("hello from {}\n", self.name),
+        )?;
         let dir = self.dir.display();
         let conf = format!(
             "worker_processes 1;\ndaemon off;\nuser root;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
@@ -93,7 +96,12 @@ impl Pod {
         let _ = fs::remove_file(self.dir.join("access.log"));
         let child = self
             .command("nginx")?
-            .args(["-c", &conf_path.to_string_lossy(), "-e", &self.dir.join("error.log").to_string_lossy()])
+            .args([
+                "-c",
+                &conf_path.to_string_lossy(),
+                "-e",
+                &self.dir.join("error.log").to_string_lossy(),
+            ])
             .stdin(Stdio::null())
             .spawn()
             .context("starting nginx (is nginx installed? run `cargo xtask setup`)")?;
@@ -104,7 +112,11 @@ impl Pod {
     /// Client addresses nginx logged, one per request.
     pub fn nginx_clients(&self) -> Result<Vec<String>> {
         let log = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
-        Ok(log.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
+        Ok(log
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect())
     }
 }
 
@@ -115,7 +127,11 @@ impl Node {
 }
 
 /// A command whose process enters `netns` (and `cgroup`, if any) before it execs.
-pub fn command_in(netns: &str, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+pub fn command_in(
+    netns: &str,
+    cgroup: Option<&Path>,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Result<Command> {
     let netns_file = File::open(Path::new(NETNS_DIR).join(netns))
         .with_context(|| format!("lab namespace {netns} does not exist (is the lab up?)"))?;
     let procs = match cgroup {
@@ -151,12 +167,18 @@ pub fn command_in(netns: &str, cgroup: Option<&Path>, program: impl AsRef<std::f
 pub fn wait_for_tcp(pod: &Pod, port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let ss = pod.command("ss")?.args(["-Htln", &format!("sport = :{port}")]).output()?;
+        let ss = pod
+            .command("ss")?
+            .args(["-Htln", &format!("sport = :{port}")])
+            .output()?;
         if !String::from_utf8_lossy(&ss.stdout).trim().is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("nothing listens on port {port} in pod {} after {timeout:?}", pod.name);
+            bail!(
+                "nothing listens on port {port} in pod {} after {timeout:?}",
+                pod.name
+            );
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -187,10 +209,17 @@ fn node_letter(index: usize) -> char {
 impl Lab {
     /// The lab `spec` describes, without creating anything.
     pub fn describe(spec: &LabSpec) -> Result<Lab> {
-        if spec.name.is_empty() || spec.name.len() > 6 || !spec.name.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            bail!("lab name must be 1-6 ASCII letters or digits, got {:?}", spec.name);
+        if spec.name.is_empty()
+            || spec.name.len() > 6
+            || !spec.name.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            bail!(
+                "lab name must be 1-6 ASCII letters or digits, got {:?}",
+                spec.name
+            );
         }
-        if spec.nodes == 0 || spec.nodes > 26 || spec.pods_per_node == 0 || spec.pods_per_node > 200 {
+        if spec.nodes == 0 || spec.nodes > 26 || spec.pods_per_node == 0 || spec.pods_per_node > 200
+        {
             bail!("a lab has 1-26 nodes of 1-200 pods");
         }
         let dir = PathBuf::from("/run/weft-lab").join(&spec.name);
@@ -221,14 +250,20 @@ impl Lab {
                 }
             })
             .collect();
-        Ok(Lab { name: spec.name.clone(), dir, cgroup_root, nodes })
+        Ok(Lab {
+            name: spec.name.clone(),
+            dir,
+            cgroup_root,
+            nodes,
+        })
     }
 
     /// Creates the lab, first removing any leftover of a lab with the same name.
     pub fn up(spec: &LabSpec) -> Result<Lab> {
         let lab = Lab::describe(spec)?;
         Lab::down(&spec.name)?;
-        lab.create().with_context(|| format!("creating lab {}", lab.name))?;
+        lab.create()
+            .with_context(|| format!("creating lab {}", lab.name))?;
         Ok(lab)
     }
 
@@ -243,12 +278,31 @@ impl Lab {
             ip(&["netns", "add", &node.netns])?;
             ip_in(&node.netns, &["link", "set", "lo", "up"])?;
             let port = format!("n{}", node.name);
-            ip(&["link", "add", "eth0", "netns", &node.netns, "type", "veth", "peer", "name", &port, "netns", &wire])?;
+            ip(&[
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &node.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &wire,
+            ])?;
             ip_in(&wire, &["link", "set", &port, "master", "br0", "up"])?;
-            ip_in(&node.netns, &["addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+            ip_in(
+                &node.netns,
+                &["addr", "add", &format!("{}/24", node.ip), "dev", "eth0"],
+            )?;
             ip_in(&node.netns, &["link", "set", "eth0", "up"])?;
             let gateway = self.pod_gateway(node);
-            ip_in(&node.netns, &["addr", "add", &format!("{gateway}/32"), "dev", "lo"])?;
+            ip_in(
+                &node.netns,
+                &["addr", "add", &format!("{gateway}/32"), "dev", "lo"],
+            )?;
             sysctl_in(&node.netns, "net.ipv4.ip_forward=1")?;
             fs::create_dir_all(&node.pods_cgroup)?;
             fs::create_dir_all(&node.agent_cgroup)?;
@@ -258,7 +312,10 @@ impl Lab {
             for other in self.nodes.iter().filter(|o| o.name != node.name) {
                 let [a, b, c, _] = other.pods[0].ip.octets();
                 let cidr = format!("{a}.{b}.{c}.0/24");
-                ip_in(&node.netns, &["route", "add", &cidr, "via", &other.ip.to_string()])?;
+                ip_in(
+                    &node.netns,
+                    &["route", "add", &cidr, "via", &other.ip.to_string()],
+                )?;
             }
         }
         Ok(())
@@ -273,12 +330,43 @@ impl Lab {
         ip(&["netns", "add", &pod.netns])?;
         ip_in(&pod.netns, &["link", "set", "lo", "up"])?;
         let node_side = format!("p{}", index + 1);
-        ip(&["link", "add", "eth0", "netns", &pod.netns, "type", "veth", "peer", "name", &node_side, "netns", &node.netns])?;
-        ip_in(&pod.netns, &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &pod.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node_side,
+            "netns",
+            &node.netns,
+        ])?;
+        ip_in(
+            &pod.netns,
+            &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+        )?;
         ip_in(&pod.netns, &["link", "set", "eth0", "up"])?;
-        ip_in(&pod.netns, &["route", "add", "default", "via", &gateway.to_string(), "dev", "eth0", "onlink"])?;
+        ip_in(
+            &pod.netns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                "eth0",
+                "onlink",
+            ],
+        )?;
         ip_in(&node.netns, &["link", "set", &node_side, "up"])?;
-        ip_in(&node.netns, &["route", "add", &format!("{}/32", pod.ip), "dev", &node_side])?;
+        ip_in(
+            &node.netns,
+            &["route", "add", &format!("{}/32", pod.ip), "dev", &node_side],
+        )?;
         fs::create_dir_all(&pod.cgroup)?;
         fs::create_dir_all(&pod.dir)?;
         Ok(())
@@ -325,11 +413,16 @@ impl Lab {
     }
 
     pub fn pod(&self, name: &str) -> Result<&Pod> {
-        self.pods().find(|p| p.name == name).with_context(|| format!("lab has no pod {name}"))
+        self.pods()
+            .find(|p| p.name == name)
+            .with_context(|| format!("lab has no pod {name}"))
     }
 
     pub fn node(&self, name: &str) -> Result<&Node> {
-        self.nodes.iter().find(|n| n.name == name).with_context(|| format!("lab has no node {name}"))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("lab has no node {name}"))
     }
 }
 
@@ -349,7 +442,12 @@ fn netns_pids(netns: &str) -> Vec<i32> {
     Command::new("ip")
         .args(["netns", "pids", netns])
         .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -384,7 +482,9 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
             Err(err) if Instant::now() < deadline && err.raw_os_error() == Some(libc::EBUSY) => {
                 thread::sleep(Duration::from_millis(50));
             }
-            Err(err) => return Err(err).with_context(|| format!("removing cgroup {}", dir.display())),
+            Err(err) => {
+                return Err(err).with_context(|| format!("removing cgroup {}", dir.display()))
+            }
         }
     }
 }

@@ -10,7 +10,14 @@ use anyhow::{bail, Context, Result};
 
 use crate::run;
 
-const LAB_PACKAGES: &[&str] = &["iproute2", "nginx-light", "curl", "bpftool", "iperf3", "procps"];
+const LAB_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nginx-light",
+    "curl",
+    "bpftool",
+    "iperf3",
+    "procps",
+];
 
 pub fn ensure() -> Result<()> {
     ensure_nightly()?;
@@ -42,14 +49,30 @@ fn ensure_nightly() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("setup: installing the nightly toolchain (needed to build eBPF programs)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output(Command::new("rustup").args([
-        "component", "list", "--toolchain", "nightly", "--installed",
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to nightly (for -Z build-std=core)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -102,7 +125,9 @@ fn installed_bpf_linker_feature() -> Option<String> {
     let text = std::fs::read_to_string(cargo_home().join(".crates2.json")).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     let installs = json.get("installs")?.as_object()?;
-    let (_, entry) = installs.iter().find(|(key, _)| key.starts_with("bpf-linker "))?;
+    let (_, entry) = installs
+        .iter()
+        .find(|(key, _)| key.starts_with("bpf-linker "))?;
     entry
         .get("features")?
         .as_array()?
@@ -125,7 +150,14 @@ fn ensure_bpf_linker(llvm_major: u32) -> Result<()> {
     eprintln!("setup: building bpf-linker against LLVM {llvm_major} (takes a few minutes, once)");
     let prefix = format!("/usr/lib/llvm-{llvm_major}");
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", "0.13.0", "--locked", "--force"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "0.13.0",
+            "--locked",
+            "--force",
+        ])
         .args(["--no-default-features", "--features", &wanted])
         .env("LLVM_PREFIX", &prefix))
 }

@@ -15,8 +15,8 @@
 mod programs {
     use aya_ebpf::{
         bindings::{
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-            BPF_TCP_CLOSE, BPF_ANY, BPF_NOEXIST,
+            BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         },
         helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
         macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
@@ -59,10 +59,8 @@ mod programs {
 
     /// Excluded IPv4 CIDRs, addresses in network byte order as LPM tries need.
     #[map]
-    static EXCLUDED_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(
-        MAX_EXCLUDED_CIDRS,
-        aya_ebpf::bindings::BPF_F_NO_PREALLOC,
-    );
+    static EXCLUDED_CIDRS: LpmTrie<u32, u8> =
+        LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
     #[map]
     static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -110,10 +108,17 @@ mod programs {
             count(Counter::Excluded);
             return Verdict::Skip;
         }
-        let orig = OrigDst { ip, port: u16::from_be(port), _pad: 0 };
+        let orig = OrigDst {
+            ip,
+            port: u16::from_be(port),
+            _pad: 0,
+        };
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // BPF_ANY: a socket that connects again after a failed attempt replaces its record.
-        if ORIG_DST_BY_COOKIE.insert(cookie, orig, BPF_ANY as u64).is_err() {
+        if ORIG_DST_BY_COOKIE
+            .insert(cookie, orig, BPF_ANY as u64)
+            .is_err()
+        {
             count(Counter::TrackingFull);
             return Verdict::Skip;
         }
@@ -184,7 +189,10 @@ mod programs {
                     return 1;
                 };
                 if let Some(key) = client_key(&ctx) {
-                    if ORIG_DST_BY_CLIENT.insert(key, orig, BPF_NOEXIST as u64).is_ok() {
+                    if ORIG_DST_BY_CLIENT
+                        .insert(key, orig, BPF_NOEXIST as u64)
+                        .is_ok()
+                    {
                         // Ask for the state callback so the record goes when the socket closes.
                         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
                     } else {
