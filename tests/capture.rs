@@ -110,21 +110,21 @@ fn enrolling_and_releasing_a_running_pod_switches_capture_without_restarts() -> 
 
 #[test]
 fn a_thousand_concurrent_connections_reach_the_right_destinations() -> Result<()> {
-    const PER_PAIR: usize = 250;
-    let lab = TestLab::up("tconc", 2, 2)?;
-    let (a1, a2, b1, b2) = (
-        lab.pod("a1")?,
-        lab.pod("a2")?,
-        lab.pod("b1")?,
-        lab.pod("b2")?,
-    );
-    let _servers = (b1.start_nginx()?, b2.start_nginx()?);
-    let agent = Agent::start(&lab, lab.node("a")?, &[a1, a2])?;
+    const PER_PAIR: usize = 170;
+    let lab = TestLab::up("tconc", 2, 3)?;
+    let clients = [lab.pod("a1")?, lab.pod("a2")?, lab.pod("a3")?];
+    let servers = [lab.pod("b1")?, lab.pod("b2")?, lab.pod("b3")?];
+    let _nginx: Vec<_> = servers
+        .iter()
+        .map(|s| s.start_nginx())
+        .collect::<Result<_>>()?;
+    let agent = Agent::start(&lab, lab.node("a")?, &clients)?;
 
-    // Four curl processes, each with PER_PAIR parallel transfers on their own connections.
-    let mut clients = Vec::new();
-    for client in [a1, a2] {
-        for server in [b1, b2] {
+    // One curl process per (client pod, server pod), each with PER_PAIR parallel transfers on their
+    // own connections: 1,530 connections from three pods to three servers, many at once.
+    let mut batches = Vec::new();
+    for client in clients {
+        for server in servers {
             let out_dir = lab.dir.join(format!("out-{}-{}", client.name, server.name));
             fs::create_dir_all(&out_dir)?;
             let child = client
@@ -134,18 +134,17 @@ fn a_thousand_concurrent_connections_reach_the_right_destinations() -> Result<()
                     "--no-progress-meter",
                     "--parallel",
                     "--parallel-immediate",
-                    "--parallel-max",
-                    &PER_PAIR.to_string(),
                 ])
+                .args(["--parallel-max", &PER_PAIR.to_string()])
                 .args(["-H", "Connection: close", "--max-time", "30"])
                 .arg(format!("http://{}/?n=[1-{PER_PAIR}]", server.ip))
                 .args(["-o", &format!("{}/#1", out_dir.display())])
                 .stdout(Stdio::null())
                 .spawn()?;
-            clients.push((child, out_dir, server));
+            batches.push((child, out_dir, server));
         }
     }
-    for (mut child, out_dir, server) in clients {
+    for (mut child, out_dir, server) in batches {
         ensure!(child.wait()?.success(), "a curl batch failed");
         let bodies: Vec<String> = fs::read_dir(&out_dir)?
             .map(|entry| fs::read_to_string(entry?.path()).map_err(anyhow::Error::from))
@@ -161,8 +160,8 @@ fn a_thousand_concurrent_connections_reach_the_right_destinations() -> Result<()
     eventually("all flows to close and the maps to empty", || {
         let stats = agent.stats()?;
         let tracked = &stats["tracked_connections"];
-        let all_closed = [a1, a2].iter().all(|client| {
-            [b1, b2].iter().all(|server| {
+        let all_closed = clients.iter().all(|client| {
+            servers.iter().all(|server| {
                 flow(&stats, client, &format!("{}:80", server.ip))
                     .is_some_and(|f| f["opened"] == PER_PAIR && f["closed"] == PER_PAIR)
             })
@@ -170,23 +169,20 @@ fn a_thousand_concurrent_connections_reach_the_right_destinations() -> Result<()
         Ok(all_closed && tracked["connecting"] == 0 && tracked["established"] == 0)
     })?;
     let stats = agent.stats()?;
-    assert_eq!(counter(&stats, "redirected"), 4 * PER_PAIR as u64);
+    assert_eq!(
+        counter(&stats, "redirected"),
+        (clients.len() * servers.len() * PER_PAIR) as u64
+    );
     assert_eq!(counter(&stats, "tracking_full"), 0);
-    for server in [b1, b2] {
+    for server in servers {
         let mut per_client: HashMap<String, usize> = HashMap::new();
         for ip in server.nginx_clients()? {
             *per_client.entry(ip).or_default() += 1;
         }
-        assert_eq!(
-            per_client.get(&a1.ip.to_string()),
-            Some(&PER_PAIR),
-            "{per_client:?}"
-        );
-        assert_eq!(
-            per_client.get(&a2.ip.to_string()),
-            Some(&PER_PAIR),
-            "{per_client:?}"
-        );
+        for client in clients {
+            let count = per_client.get(&client.ip.to_string());
+            assert_eq!(count, Some(&PER_PAIR), "{per_client:?}");
+        }
     }
     Ok(())
 }

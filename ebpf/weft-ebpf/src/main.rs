@@ -32,6 +32,7 @@ mod programs {
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
     const SOCK_STREAM: u32 = 1;
+    const IPPROTO_TCP: u32 = 6;
     const ALLOW: i32 = 1;
     const LOOPBACK_AGENT_IP: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
     const V4_MAPPED_MARKER: u32 = 0x0000_ffff_u32.to_be();
@@ -82,10 +83,16 @@ mod programs {
         Skip,
     }
 
+    /// Only TCP is proxied: SCTP and MPTCP stream sockets would break on the agent's TCP listener.
+    #[inline(always)]
+    fn is_plain_tcp(addr: &aya_ebpf::bindings::bpf_sock_addr) -> bool {
+        addr.type_ == SOCK_STREAM && addr.protocol == IPPROTO_TCP
+    }
+
     #[inline(always)]
     fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Verdict {
         let addr = unsafe { &*ctx.sock_addr };
-        if addr.type_ != SOCK_STREAM {
+        if !is_plain_tcp(addr) {
             return Verdict::Skip;
         }
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -145,7 +152,7 @@ mod programs {
         let ip6 = addr.user_ip6;
         let v4_mapped = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_MARKER;
         if !v4_mapped {
-            if addr.type_ == SOCK_STREAM
+            if is_plain_tcp(addr)
                 && unsafe { ENROLLED_NETNS.get(bpf_get_netns_cookie(ctx.as_ptr())) }.is_some()
             {
                 count(Counter::Ipv6Passthrough);
