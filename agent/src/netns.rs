@@ -96,16 +96,11 @@ impl PodNetns {
         tokio::net::TcpListener::from_std(std_listener)
     }
 
-    /// An unconnected TCP socket inside the pod, carrying `mark` so the capture hooks skip it.
-    pub async fn upstream_socket(
-        &self,
-        ipv6: bool,
-        mark: u32,
-    ) -> io::Result<tokio::net::TcpSocket> {
+    /// An unconnected IPv4 TCP socket inside the pod, carrying `mark` so the hooks skip it.
+    pub async fn upstream_socket(&self, mark: u32) -> io::Result<tokio::net::TcpSocket> {
         let socket = self
             .run(move || {
-                let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
-                let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
                 socket.set_nonblocking(true)?;
                 socket.set_nodelay(true)?;
@@ -165,7 +160,7 @@ mod tests {
         assert_eq!(netns.cookie(), current_netns_cookie().unwrap());
         let listener = netns.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let socket = netns.upstream_socket(false, 0x1234).await.unwrap();
+        let socket = netns.upstream_socket(0x1234).await.unwrap();
         let (client, accepted) = tokio::join!(socket.connect(addr), listener.accept());
         assert_eq!(client.unwrap().peer_addr().unwrap(), addr);
         assert!(accepted.is_ok());

@@ -124,7 +124,7 @@ async fn connect_upstream(
     pod: &PodProxy,
     destination: SocketAddrV4,
 ) -> io::Result<TcpStream> {
-    let socket = pod.netns.upstream_socket(false, ctx.socket_mark).await?;
+    let socket = pod.netns.upstream_socket(ctx.socket_mark).await?;
     tokio::time::timeout(ctx.connect_timeout, socket.connect(destination.into()))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
