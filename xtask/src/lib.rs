@@ -1,6 +1,7 @@
 //! Project automation: toolchain setup, the multi-node lab, and the pieces the demo, lab tests and
 //! benchmark share.
 pub mod agent;
+pub mod bench;
 pub mod lab;
 pub mod setup;
 
