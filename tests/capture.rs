@@ -559,3 +559,44 @@ fn lab_down_removes_everything_after_a_crash() -> Result<()> {
     Lab::down(&spec.name)?;
     Ok(())
 }
+
+#[test]
+fn toggling_enrollment_under_continuous_traffic_loses_no_request() -> Result<()> {
+    const REQUESTS: usize = 3000;
+    let lab = TestLab::up("tflip", 2, 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let mut agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
+
+    // One new connection per request, back to back, while capture is switched on and off.
+    let traffic = a1
+        .command("curl")?
+        .args(["-sS", "-H", "Connection: close", "--max-time", "60"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
+        .arg(format!("http://{}/?n=[1-{REQUESTS}]", b1.ip))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    for _ in 0..4 {
+        agent.set_enrolled(&[])?;
+        thread::sleep(Duration::from_millis(100));
+        agent.set_enrolled(&[a1])?;
+        thread::sleep(Duration::from_millis(100));
+    }
+    let out = traffic.wait_with_output()?;
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = codes.lines().filter(|code| *code != "200").collect();
+    assert_eq!(codes.lines().count(), REQUESTS);
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {failed:?}",
+        failed.len()
+    );
+    let proxied = flow(&agent.stats()?, a1, &format!("{}:80", b1.ip))
+        .and_then(|f| f["opened"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        proxied > 0 && proxied < REQUESTS as u64,
+        "both paths were used: {proxied}"
+    );
+    Ok(())
+}

@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -150,14 +151,25 @@ impl Enrollment {
         if let Err(err) = self.ctx.datapath.unenroll(pod.cookie) {
             warn!(pod = %id, error = format!("{err:#}"), "cannot remove pod from the enrollment map");
         }
-        pod.stop_accepting.cancel();
+        close_listener_after_linger(pod.stop_accepting);
         info!(pod = %id, "pod released");
     }
 
-    /// Stops accepting on every pod listener (shutdown).
+    /// Stops accepting on every pod listener, after the linger (shutdown).
     pub fn stop_all(&mut self) {
         for (_, pod) in std::mem::take(&mut self.enrolled) {
-            pod.stop_accepting.cancel();
+            close_listener_after_linger(pod.stop_accepting);
         }
     }
+}
+
+/// Connects redirected just before a pod left the enrollment map may still sit in its listener's
+/// accept queue; closing the listener at once would reset them, so it keeps accepting briefly.
+pub const LISTENER_LINGER: Duration = Duration::from_millis(250);
+
+fn close_listener_after_linger(stop_accepting: CancellationToken) {
+    tokio::spawn(async move {
+        tokio::time::sleep(LISTENER_LINGER).await;
+        stop_accepting.cancel();
+    });
 }

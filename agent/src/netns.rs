@@ -87,6 +87,9 @@ impl PodNetns {
                 let socket =
                     Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_reuse_address(true)?;
+                // A re-enrolled pod's new listener can bind while the previous one still empties
+                // its accept queue (see `enrollment::LISTENER_LINGER`).
+                socket.set_reuse_port(true)?;
                 socket.set_nonblocking(true)?;
                 socket.bind(&addr.into())?;
                 socket.listen(4096)?;
