@@ -33,7 +33,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Usually fd exhaustion: back off instead of spinning.
+                debug!(error = %err, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let service = service_fn(move |req| {

@@ -20,7 +20,7 @@ use crate::{
     admin::{self, AdminState},
     config::{AgentSettings, Config},
     datapath::{check_cgroup2_dir, Datapath},
-    enrollment::Enrollment,
+    enrollment::{Enrollment, LISTENER_LINGER},
     proxy::ProxyContext,
     stats::Stats,
 };
@@ -29,17 +29,26 @@ use crate::{
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Editors write a file in several steps; wait for them to settle before reloading.
 const RELOAD_SETTLE: Duration = Duration::from_millis(150);
+/// After the drain period, how long resetting the remaining connections may take.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("weft must run as root: it loads eBPF programs and enters pod network namespaces");
     }
+    // Watch before the first load, so an edit made during start-up is not missed.
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
+    let _watcher = match &config_path {
+        Some(path) => Some(watch_config(path, reload_tx)?),
+        None => None,
+    };
     let mut config = match &config_path {
         Some(path) => Config::load(path)?,
         None => Config::embedded_default()?,
     };
     let settings = config.agent.clone();
     check_cgroup2_dir(&settings.cgroup_path)?;
+    raise_fd_limit();
     let admin_listener = admin::bind(settings.admin_addr).await?;
 
     let datapath = Arc::new(Datapath::attach(
@@ -60,6 +69,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         socket_mark: settings.socket_mark,
         connect_timeout: settings.connect_timeout(),
         connections: TaskTracker::new(),
+        abort: CancellationToken::new(),
     });
     let mut enrollment = Enrollment::new(Arc::clone(&ctx), settings.outbound_port);
     enrollment.apply(&config).await;
@@ -77,13 +87,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     ));
     info!(admin = %settings.admin_addr, "weft is running");
 
-    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
-    let _watcher = match &config_path {
-        Some(path) => Some(watch_config(path, reload_tx)?),
-        None => None,
-    };
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     loop {
         tokio::select! {
@@ -92,24 +98,35 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
             Some(()) = reload_rx.recv() => {
                 tokio::time::sleep(RELOAD_SETTLE).await;
                 while reload_rx.try_recv().is_ok() {}
-                let Some(path) = &config_path else { continue };
-                match Config::load(path) {
-                    Ok(new) => {
-                        apply_settings_change(&settings, &new.agent, &datapath);
-                        enrollment.apply(&new).await;
-                        config = new;
-                    }
-                    Err(err) => error!(error = format!("{err:#}"), "config rejected; the running state is unchanged"),
-                }
             }
-            _ = retry.tick(), if enrollment.has_failures() => enrollment.apply(&config).await,
+            // SIGHUP: reload now (also when the watcher cannot see a change).
+            _ = sighup.recv() => {}
+            _ = retry.tick(), if enrollment.has_failures() => {
+                enrollment.apply(&config).await;
+                continue;
+            }
+        }
+        let Some(path) = &config_path else { continue };
+        match reload(path, &config, &datapath) {
+            Ok(Some(new)) => {
+                enrollment.apply(&new).await;
+                config = new;
+            }
+            Ok(None) => {}
+            Err(err) => error!(
+                error = format!("{err:#}"),
+                "config rejected; the running state is unchanged"
+            ),
         }
     }
 
-    info!("shutting down: detaching eBPF programs and draining connections");
-    datapath.detach();
-    enrollment.stop_all();
+    // Release every pod first: new connects go direct at once, while the hooks stay attached
+    // long enough for connects already redirected to be established, tracked and accepted.
+    info!("shutting down: releasing pods, then detaching eBPF programs and draining connections");
+    enrollment.release_all();
     stop_admin.cancel();
+    tokio::time::sleep(LISTENER_LINGER).await;
+    datapath.detach();
     ctx.connections.close();
     let drain = settings.drain_timeout();
     if tokio::time::timeout(drain, ctx.connections.wait())
@@ -121,30 +138,59 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
             grace_ms = drain.as_millis() as u64,
             "closing connections still open after the drain period"
         );
+        // Reset them rather than end them cleanly: a cut stream must not look complete.
+        ctx.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_GRACE, ctx.connections.wait()).await;
     }
     info!("stopped");
     Ok(())
 }
 
-/// Exclusions apply live; the other agent settings are fixed at start-up.
-fn apply_settings_change(running: &AgentSettings, new: &AgentSettings, datapath: &Datapath) {
-    if let Err(err) = datapath.set_exclusions(&new.exclude_ports, &new.exclude_cidrs) {
-        error!(
-            error = format!("{err:#}"),
-            "cannot update excluded ports/CIDRs"
-        );
+/// Loads `path` and, if it differs from `running`, applies its exclusions. Returns the new config
+/// for enrollment, `None` when nothing changed, or an error when it is rejected (nothing applied).
+fn reload(path: &Path, running: &Config, datapath: &Datapath) -> Result<Option<Config>> {
+    let new = Config::load(path)?;
+    if &new == running {
+        return Ok(None);
+    }
+    let (old, next) = (&running.agent, &new.agent);
+    if let Err(err) = datapath.set_exclusions(&next.exclude_ports, &next.exclude_cidrs) {
+        // Put back what was there so a half-applied set does not linger.
+        datapath.set_exclusions(&old.exclude_ports, &old.exclude_cidrs)?;
+        return Err(err);
     }
     let restart_only = AgentSettings {
-        exclude_ports: running.exclude_ports.clone(),
-        exclude_cidrs: running.exclude_cidrs.clone(),
-        ..new.clone()
+        exclude_ports: old.exclude_ports.clone(),
+        exclude_cidrs: old.exclude_cidrs.clone(),
+        ..next.clone()
     };
-    if &restart_only != running {
+    if &restart_only != old {
         warn!("agent settings other than exclusions changed; they take effect when weft restarts");
+    }
+    Ok(Some(new))
+}
+
+/// Each proxied connection holds two descriptors; the usual soft limit of 1024 is far too low.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!("could not raise the open-file limit; busy nodes may run out of descriptors");
+            }
+        }
     }
 }
 
-/// Watches the config file's directory (editors and ConfigMaps replace files by renaming).
+/// Watches the config file's directory: editors replace files by renaming, and Kubernetes
+/// ConfigMap volumes swap a `..data` symlink, so an update may only show as an event on a `..`
+/// entry. Unchanged content reloads as a no-op.
 fn watch_config(
     path: &Path,
     reload: mpsc::UnboundedSender<()>,
@@ -154,16 +200,15 @@ fn watch_config(
         .filter(|dir| !dir.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    let file_name = path.file_name().map(ToOwned::to_owned);
+    let config_name = path.file_name().map(ToOwned::to_owned);
+    let concerns_config = move |changed: &PathBuf| {
+        let name = changed.file_name();
+        name == config_name.as_deref()
+            || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+    };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if event
-                .paths
-                .iter()
-                .any(|p| p.file_name() == file_name.as_deref())
-            {
-                let _ = reload.send(());
-            }
+        if event.is_ok_and(|e| !e.kind.is_access() && e.paths.iter().any(&concerns_config)) {
+            let _ = reload.send(());
         }
     })
     .context("creating the config file watcher")?;

@@ -11,6 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use weft_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
 
@@ -99,6 +100,11 @@ impl PodSpec {
 
 impl Config {
     pub fn parse(text: &str) -> Result<Self> {
+        // An empty document would parse as "no pods": a file caught mid-write must not release
+        // every pod.
+        if text.trim().is_empty() {
+            bail!("the configuration is empty");
+        }
         let config: Config = serde_yaml::from_str(text).context("invalid configuration")?;
         config.validate()?;
         Ok(config)
@@ -131,12 +137,24 @@ impl Config {
         if agent.exclude_ports.contains(&0) {
             bail!("agent.exclude_ports: port 0 is not a port");
         }
+        if agent.exclude_ports.len() > MAX_EXCLUDED_PORTS as usize {
+            bail!("agent.exclude_ports: at most {MAX_EXCLUDED_PORTS} ports");
+        }
+        if agent.exclude_cidrs.len() > MAX_EXCLUDED_CIDRS as usize {
+            bail!("agent.exclude_cidrs: at most {MAX_EXCLUDED_CIDRS} CIDRs");
+        }
+        if agent.connect_timeout_ms == 0 {
+            bail!("agent.connect_timeout_ms must be greater than 0");
+        }
         let mut seen_ids = HashSet::new();
         let mut seen_netns = HashSet::new();
         for (index, pod) in self.pods.iter().enumerate() {
             let entry = format!("pods[{index}] ({})", pod.id());
-            if !is_dns_label(&pod.name) {
-                bail!("{entry}: name {:?} is not a DNS label", pod.name);
+            if !is_dns_subdomain(&pod.name) {
+                bail!(
+                    "{entry}: name {:?} is not a valid pod name (DNS subdomain)",
+                    pod.name
+                );
             }
             if !is_dns_label(&pod.namespace) {
                 bail!("{entry}: namespace {:?} is not a DNS label", pod.namespace);
@@ -159,6 +177,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Kubernetes object names: dot-separated DNS labels, at most 253 characters.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -220,7 +243,11 @@ mod tests {
             "{err}"
         );
         let err = error_of("pods:\n  - name: Not_A_Label\n    netns: /x\n");
+        assert!(err.contains("valid pod name"), "{err}");
+        let err = error_of("pods:\n  - name: web\n    namespace: a.b\n    netns: /x\n");
         assert!(err.contains("DNS label"), "{err}");
+        let dotted = Config::parse("pods:\n  - name: web-0.shard-1\n    netns: /x\n").unwrap();
+        assert_eq!(dotted.pods[0].id().to_string(), "default/web-0.shard-1");
     }
 
     #[test]
@@ -231,5 +258,11 @@ mod tests {
         assert!(error_of("agent:\n  exclude_cidrs: [10.0.0.0/40]\n").contains("exclude_cidrs"));
         assert!(error_of("agent:\n  cgroup_path: rel\n").contains("cgroup_path"));
         assert!(error_of("agnet: {}\n").contains("agnet"));
+        assert!(error_of("").contains("empty"));
+        assert!(error_of("  \n").contains("empty"));
+        assert!(error_of("agent:\n  connect_timeout_ms: 0\n").contains("connect_timeout_ms"));
+        let many_ports: Vec<String> = (1..=1025).map(|p| p.to_string()).collect();
+        let text = format!("agent:\n  exclude_ports: [{}]\n", many_ports.join(","));
+        assert!(error_of(&text).contains("at most 1024 ports"));
     }
 }

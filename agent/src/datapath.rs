@@ -19,8 +19,6 @@ use crate::lock;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft"));
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 /// The attached programs and the maps the agent reads and writes. Dropping it (or calling
 /// [`Datapath::detach`]) detaches everything: the links are file descriptors owned here, so even a
 /// killed agent leaves nothing attached.
@@ -43,7 +41,7 @@ pub fn check_cgroup2_dir(path: &Path) -> Result<()> {
     }
     let stat =
         nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
-    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+    if stat.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
         bail!(
             "cgroup path {} is not on a cgroup v2 filesystem (find it with `mount -t cgroup2`)",
             path.display()
@@ -63,8 +61,7 @@ impl Datapath {
         check_cgroup2_dir(cgroup_path)?;
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context(
-            "loading weft's eBPF object failed: the kernel needs BTF-less cgroup/sockops program \
-             support (Linux >= 5.15) and the agent needs CAP_BPF and CAP_NET_ADMIN",
+            "loading weft's eBPF maps failed: the agent needs CAP_BPF (or CAP_SYS_ADMIN)",
         )?;
         let mut settings_map: Array<_, Settings> =
             Array::try_from(take_map(&mut ebpf, maps::SETTINGS)?)?;
@@ -81,8 +78,8 @@ impl Datapath {
         );
         let cgroup = File::open(cgroup_path)
             .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
-        // Attached as bpf_links (Linux >= 5.7), which always coexist with other programs on the
-        // cgroup (a CNI's, say) and take no attach flags; the default mode passes none.
+        // Attached as bpf_links (Linux >= 5.7): they run alongside other multi-attach programs on
+        // the cgroup (a CNI's, say) and take no attach flags, so the default mode passes none.
         let mode = CgroupAttachMode::default();
         for name in ["weft_connect4", "weft_connect6"] {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;

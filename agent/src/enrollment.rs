@@ -76,7 +76,9 @@ impl Enrollment {
         for id in gone {
             self.unenroll(&id);
         }
-        lock(&self.status).retain(|id, _| desired.contains_key(id));
+        let still_enrolled = &self.enrolled;
+        lock(&self.status)
+            .retain(|id, _| desired.contains_key(id) || still_enrolled.contains_key(id));
         for (id, spec) in desired {
             if self.enrolled.contains_key(&id) {
                 continue;
@@ -142,23 +144,33 @@ impl Enrollment {
         Ok(cookie)
     }
 
+    /// Releases capture first so the pod's next connect goes direct, then closes the listener
+    /// after a linger. Connections already proxied keep running until they end. If the map entry
+    /// cannot be removed the listener stays, so captured connects still find it, and the release
+    /// is retried.
     fn unenroll(&mut self, id: &PodId) {
-        let Some(pod) = self.enrolled.remove(id) else {
+        let Some(pod) = self.enrolled.get(id) else {
             return;
         };
-        // Release capture first so the pod's next connect goes direct, then close the listener.
-        // Connections already proxied keep running until they end.
         if let Err(err) = self.ctx.datapath.unenroll(pod.cookie) {
-            warn!(pod = %id, error = format!("{err:#}"), "cannot remove pod from the enrollment map");
+            let error = format!("cannot release the pod (will retry): {err:#}");
+            warn!(pod = %id, error, "pod still enrolled");
+            let netns = pod.spec.netns.display().to_string();
+            lock(&self.status).insert(id.clone(), PodStatus::Failed { netns, error });
+            return;
         }
-        close_listener_after_linger(pod.stop_accepting);
+        if let Some(pod) = self.enrolled.remove(id) {
+            close_listener_after_linger(pod.stop_accepting);
+        }
+        lock(&self.status).remove(id);
         info!(pod = %id, "pod released");
     }
 
-    /// Stops accepting on every pod listener, after the linger (shutdown).
-    pub fn stop_all(&mut self) {
-        for (_, pod) in std::mem::take(&mut self.enrolled) {
-            close_listener_after_linger(pod.stop_accepting);
+    /// Releases every pod (shutdown).
+    pub fn release_all(&mut self) {
+        let ids: Vec<PodId> = self.enrolled.keys().cloned().collect();
+        for id in ids {
+            self.unenroll(&id);
         }
     }
 }

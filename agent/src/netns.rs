@@ -6,7 +6,7 @@ use std::{
     fs::File,
     io,
     net::{SocketAddr, TcpListener},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::Path,
     sync::mpsc,
 };
@@ -16,8 +16,6 @@ use nix::sched::{setns, CloneFlags};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;
 
-/// SO_NETNS_COOKIE (Linux >= 5.14); not yet in every libc release.
-const SO_NETNS_COOKIE: libc::c_int = 71;
 const WORKER_STACK_BYTES: usize = 128 * 1024;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -31,7 +29,11 @@ pub struct PodNetns {
 impl PodNetns {
     /// Enters the namespace at `path` on a new thread. Fails if the path is not a network namespace.
     pub fn enter(path: &Path, thread_name: String) -> Result<Self> {
-        let netns = File::open(path)
+        // O_NONBLOCK: a path naming a FIFO must fail (setns rejects it), not block the agent.
+        let netns = File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
             .with_context(|| format!("cannot open network namespace {}", path.display()))?;
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<u64>>(1);
@@ -124,7 +126,7 @@ pub fn current_netns_cookie() -> io::Result<u64> {
         libc::getsockopt(
             probe.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            libc::SO_NETNS_COOKIE,
             (&mut cookie as *mut u64).cast(),
             &mut len,
         )

@@ -31,6 +31,8 @@ pub struct ProxyContext {
     pub connect_timeout: Duration,
     /// Tracks open connections so shutdown can drain them.
     pub connections: TaskTracker,
+    /// Cancelled when the drain period is over: open connections are then reset.
+    pub abort: CancellationToken,
 }
 
 pub struct PodProxy {
@@ -74,7 +76,8 @@ async fn proxy_connection(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream,
     };
     let Some(destination) = ctx.datapath.original_destination(pod.netns.cookie(), peer) else {
         ctx.stats.unknown_origin.fetch_add(1, Relaxed);
-        warn!(pod = %pod.id, client = %peer, "connection was not redirected by weft (no original destination); closing");
+        warn!(pod = %pod.id, client = %peer, "connection was not redirected by weft (no original destination); resetting");
+        let _ = client.set_zero_linger();
         return;
     };
     let flow = ctx.stats.flow(&pod.id, destination);
@@ -98,13 +101,16 @@ async fn proxy_connection(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream,
         inner: upstream,
         bytes_read: &flow.bytes_received,
     };
-    let result = tokio::io::copy_bidirectional_with_sizes(
+    let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
         COPY_BUFFER_BYTES,
         COPY_BUFFER_BYTES,
-    )
-    .await;
+    );
+    let result = tokio::select! {
+        result = copy => result,
+        () = ctx.abort.cancelled() => Err(io::Error::other("the agent's drain period is over")),
+    };
     flow.closed.fetch_add(1, Relaxed);
     match result {
         Ok((sent, received)) => {

@@ -27,9 +27,6 @@ pub fn config_yaml(node: &Node, enrolled: &[&Pod], extra_agent_settings: &str) -
         "agent:\n  cgroup_path: {}\n  admin_addr: {ADMIN_ADDR}\n  drain_timeout_ms: 3000\n{extra_agent_settings}pods:\n",
         node.pods_cgroup.display()
     );
-    if enrolled.is_empty() {
-        yaml = yaml.replace("pods:\n", "pods: []\n");
-    }
     for pod in enrolled {
         yaml.push_str(&format!(
             "  - name: {}\n    namespace: lab\n    netns: {}\n",
@@ -42,8 +39,8 @@ pub fn config_yaml(node: &Node, enrolled: &[&Pod], extra_agent_settings: &str) -
 
 pub struct Agent {
     pub node: Node,
-    pub config_path: PathBuf,
-    pub log_path: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
     child: Option<Child>,
 }
 

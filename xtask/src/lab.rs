@@ -22,6 +22,8 @@ use crate::run;
 
 pub const DEFAULT_NAME: &str = "weft";
 const NETNS_DIR: &str = "/var/run/netns";
+/// Every lab namespace is named `weftlab-<lab>-…`, so `down` never touches anyone else's.
+const NETNS_PREFIX: &str = "weftlab-";
 
 #[derive(Clone, Debug)]
 pub struct LabSpec {
@@ -232,7 +234,7 @@ impl Lab {
                     .map(|j| {
                         let name = format!("{letter}{}", j + 1);
                         Pod {
-                            netns: format!("{}-{name}", spec.name),
+                            netns: format!("{NETNS_PREFIX}{}-{name}", spec.name),
                             ip: Ipv4Addr::new(10, 201, i as u8, (j + 2) as u8),
                             cgroup: pods_cgroup.join(format!("pod-{name}")),
                             dir: dir.join(&name),
@@ -242,7 +244,7 @@ impl Lab {
                     .collect();
                 Node {
                     name: letter.to_string(),
-                    netns: format!("{}-{letter}", spec.name),
+                    netns: format!("{NETNS_PREFIX}{}-{letter}", spec.name),
                     ip: Ipv4Addr::new(10, 200, 0, (i + 1) as u8),
                     agent_cgroup: pods_cgroup.join("weft-agent"),
                     pods_cgroup,
@@ -269,7 +271,7 @@ impl Lab {
 
     fn create(&self) -> Result<()> {
         fs::create_dir_all(&self.dir)?;
-        let wire = format!("{}-wire", self.name);
+        let wire = format!("{NETNS_PREFIX}{}-wire", self.name);
         ip(&["netns", "add", &wire])?;
         ip_in(&wire, &["link", "set", "lo", "up"])?;
         ip_in(&wire, &["link", "add", "br0", "type", "bridge"])?;
@@ -376,7 +378,7 @@ impl Lab {
     /// cgroups and files. Succeeds when there is nothing to remove.
     pub fn down(name: &str) -> Result<()> {
         let cgroup_root = cgroup2_root()?.join(format!("weft-lab-{name}"));
-        let prefix = format!("{name}-");
+        let prefix = format!("{NETNS_PREFIX}{name}-");
         let namespaces: Vec<String> = fs::read_dir(NETNS_DIR)
             .map(|entries| {
                 entries

@@ -148,18 +148,24 @@ fn demo(keep: bool) -> Result<()> {
         pods_per_node: 2,
     })?;
     let result = run_demo(&lab);
-    if keep {
-        println!("\nlab 'demo' left up; remove it with: cargo xtask lab down --name demo");
+    if keep && result.is_ok() {
+        // Leave the agent and nginx running for exploring; `lab down` stops them.
         std::mem::forget(result);
+        println!(
+            "\nlab 'demo' left up with its agent; remove it with: cargo xtask lab down --name demo"
+        );
         return Ok(());
     }
+    // Stop the processes before their namespaces go.
+    let outcome = result.map(drop);
     Lab::down(&lab.name)?;
-    result
+    outcome
 }
 
-fn run_demo(lab: &Lab) -> Result<()> {
+/// Runs the demo; returns the agent and nginx, still running.
+fn run_demo(lab: &Lab) -> Result<(Agent, std::process::Child)> {
     let (a1, a2, b1) = (lab.pod("a1")?, lab.pod("a2")?, lab.pod("b1")?);
-    let _nginx = b1.start_nginx()?;
+    let nginx = b1.start_nginx()?;
     println!(
         "lab: node a ({}) pods a1 {} a2 {}; node b ({}) pod b1 {} runs nginx",
         lab.nodes[0].ip, a1.ip, a2.ip, lab.nodes[1].ip, b1.ip
@@ -206,5 +212,5 @@ fn run_demo(lab: &Lab) -> Result<()> {
         "(a1's requests went through weft and still carry a1's address {}; a2's went direct)",
         a1.ip
     );
-    Ok(())
+    Ok((agent, nginx))
 }

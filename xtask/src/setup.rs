@@ -2,7 +2,9 @@
 //! toolchain with rust-src, the LLVM matching the nightly, bpf-linker built against it, and the lab
 //! tools. When everything is present it only inspects and returns.
 use std::{
-    path::PathBuf,
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -106,11 +108,25 @@ fn ensure_debian_packages(packages: &[String]) -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {missing:?}");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    // A fresh machine's unattended upgrades may hold the dpkg lock for a while: wait for it.
+    let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
     run(Command::new("apt-get")
+        .args(lock_wait)
+        .args(["update", "-qq"]))?;
+    // Packages such as nginx would start a service on the host; the lab starts its own instances.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let added_policy = !policy.exists()
+        && fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok()
+        && fs::set_permissions(policy, fs::Permissions::from_mode(0o755)).is_ok();
+    let installed = run(Command::new("apt-get")
+        .args(lock_wait)
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if added_policy {
+        let _ = fs::remove_file(policy);
+    }
+    installed
 }
 
 fn cargo_home() -> PathBuf {

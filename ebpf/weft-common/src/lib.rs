@@ -42,8 +42,8 @@ pub struct OrigDst {
 }
 
 /// Identifies a redirected connection as the agent's listener sees it: the pod's network namespace
-/// plus the client end (address in network order, port in host order). Client ports are unique per
-/// (namespace, address) while the connection lives, so this never aliases two live connections.
+/// plus the client end (address in network order, port in host order). Every redirected connection
+/// goes to the same 127.0.0.1 listener port, so two live ones never share a client end.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {

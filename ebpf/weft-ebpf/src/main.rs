@@ -15,7 +15,7 @@
 mod programs {
     use aya_ebpf::{
         bindings::{
-            BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_ANY, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
             BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         },
         helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -46,14 +46,15 @@ mod programs {
     static ENROLLED_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_ENROLLED_PODS, 0);
 
     /// Original destination of a redirected socket, from connect until it is established.
+    /// Not preallocated: kernel memory follows the connections in flight, not the capacity.
     #[map]
     static ORIG_DST_BY_COOKIE: HashMap<u64, OrigDst> =
-        HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+        HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, BPF_F_NO_PREALLOC);
 
     /// Original destination of an established redirected connection, keyed as the agent sees it.
     #[map]
     static ORIG_DST_BY_CLIENT: HashMap<ClientKey, OrigDst> =
-        HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+        HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, BPF_F_NO_PREALLOC);
 
     #[map]
     static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUDED_PORTS, 0);
@@ -61,7 +62,7 @@ mod programs {
     /// Excluded IPv4 CIDRs, addresses in network byte order as LPM tries need.
     #[map]
     static EXCLUDED_CIDRS: LpmTrie<u32, u8> =
-        LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+        LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, BPF_F_NO_PREALLOC);
 
     #[map]
     static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -103,16 +104,32 @@ mod programs {
         let Some(settings) = SETTINGS.get(0) else {
             return Verdict::Skip;
         };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let sk = unsafe { addr.__bindgen_anon_1.sk };
-        if !sk.is_null() && unsafe { (*sk).mark } == settings.agent_mark {
-            count(Counter::AgentSocket);
-            return Verdict::Skip;
-        }
-        let is_loopback = u32::from_be(ip) >> 24 == 127;
-        let port_excluded = unsafe { EXCLUDED_PORTS.get(u16::from_be(port)) }.is_some();
-        let cidr_excluded = EXCLUDED_CIDRS.get(Key::new(32, ip)).is_some();
-        if is_loopback || port_excluded || cidr_excluded {
-            count(Counter::Excluded);
+        let (mark, bound_dev_if) = if sk.is_null() {
+            (0, 0)
+        } else {
+            unsafe { ((*sk).mark, (*sk).bound_dev_if) }
+        };
+        let first_octet = u32::from_be(ip) >> 24;
+        // 0.0.0.0/8 connects are local on Linux, like 127/8. Sockets bound to a device (VRF,
+        // SO_BINDTODEVICE) could not reach the agent's loopback listener.
+        let local = first_octet == 127 || first_octet == 0;
+        let skip = if mark == settings.agent_mark {
+            Some(Counter::AgentSocket)
+        } else if local
+            || bound_dev_if != 0
+            || unsafe { EXCLUDED_PORTS.get(u16::from_be(port)) }.is_some()
+            || EXCLUDED_CIDRS.get(Key::new(32, ip)).is_some()
+        {
+            Some(Counter::Excluded)
+        } else {
+            None
+        };
+        if let Some(counter) = skip {
+            count(counter);
+            // A socket redirected on an earlier, failed connect must not keep that record.
+            let _ = ORIG_DST_BY_COOKIE.remove(cookie);
             return Verdict::Skip;
         }
         let orig = OrigDst {
@@ -120,7 +137,6 @@ mod programs {
             port: u16::from_be(port),
             _pad: 0,
         };
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // BPF_ANY: a socket that connects again after a failed attempt replaces its record.
         if ORIG_DST_BY_COOKIE
             .insert(cookie, orig, BPF_ANY as u64)
@@ -196,12 +212,13 @@ mod programs {
                     return 1;
                 };
                 if let Some(key) = client_key(&ctx) {
-                    if ORIG_DST_BY_CLIENT
-                        .insert(key, orig, BPF_NOEXIST as u64)
-                        .is_ok()
-                    {
+                    // BPF_ANY: the live connection owns this client address; any older entry
+                    // under it is stale.
+                    if ORIG_DST_BY_CLIENT.insert(key, orig, BPF_ANY as u64).is_ok() {
                         // Ask for the state callback so the record goes when the socket closes.
-                        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                        // The kernel replaces the flags: keep those other programs set.
+                        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+                        let _ = ctx.set_cb_flags(flags as i32);
                     } else {
                         count(Counter::TrackingFull);
                     }
