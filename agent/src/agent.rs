@@ -214,6 +214,6 @@ fn watch_config(
     .context("creating the config file watcher")?;
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+        .with_context(|| format!("cannot watch the config file's directory {}", dir.display()))?;
     Ok(watcher)
 }
