@@ -35,6 +35,15 @@ struct EnrolledPod {
     stop_accepting: CancellationToken,
 }
 
+impl EnrolledPod {
+    fn status(&self) -> PodStatus {
+        PodStatus::Enrolled {
+            netns: self.spec.netns.display().to_string(),
+            netns_cookie: self.cookie,
+        }
+    }
+}
+
 pub struct Enrollment {
     ctx: Arc<ProxyContext>,
     outbound_port: u16,
@@ -80,17 +89,16 @@ impl Enrollment {
         lock(&self.status)
             .retain(|id, _| desired.contains_key(id) || still_enrolled.contains_key(id));
         for (id, spec) in desired {
-            if self.enrolled.contains_key(&id) {
+            if let Some(pod) = self.enrolled.get(&id) {
+                // Already serving this spec (say, a failed release it is wanted back from): report
+                // it as enrolled. A pod still holding an older spec keeps its failed release status.
+                if &pod.spec == spec {
+                    lock(&self.status).insert(id, pod.status());
+                }
                 continue;
             }
             let status = match self.enroll(spec).await {
-                Ok(cookie) => {
-                    info!(pod = %id, netns = %spec.netns.display(), netns_cookie = cookie, "pod enrolled");
-                    PodStatus::Enrolled {
-                        netns: spec.netns.display().to_string(),
-                        netns_cookie: cookie,
-                    }
-                }
+                Ok(status) => status,
                 Err(err) => {
                     error!(pod = %id, error = format!("{err:#}"), "cannot enroll pod; will retry");
                     PodStatus::Failed {
@@ -103,7 +111,7 @@ impl Enrollment {
         }
     }
 
-    async fn enroll(&mut self, spec: &PodSpec) -> Result<u64> {
+    async fn enroll(&mut self, spec: &PodSpec) -> Result<PodStatus> {
         let id = spec.id();
         let netns = PodNetns::enter(&spec.netns, format!("netns-{}", spec.name))?;
         let cookie = netns.cookie();
@@ -133,15 +141,15 @@ impl Enrollment {
             stop_accepting.cancel();
             return Err(err);
         }
-        self.enrolled.insert(
-            id,
-            EnrolledPod {
-                spec: spec.clone(),
-                cookie,
-                stop_accepting,
-            },
-        );
-        Ok(cookie)
+        let pod = EnrolledPod {
+            spec: spec.clone(),
+            cookie,
+            stop_accepting,
+        };
+        let status = pod.status();
+        info!(pod = %id, netns = %spec.netns.display(), netns_cookie = cookie, "pod enrolled");
+        self.enrolled.insert(id, pod);
+        Ok(status)
     }
 
     /// Releases capture first so the pod's next connect goes direct, then closes the listener
