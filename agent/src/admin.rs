@@ -13,12 +13,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{datapath::Datapath, enrollment::PodStatusTable, lock, stats::Stats};
+use crate::{
+    datapath::Datapath, enrollment::PodStatusTable, identity::CertificateStore, lock, stats::Stats,
+};
 
 pub struct AdminState {
     pub datapath: Arc<Datapath>,
     pub stats: Arc<Stats>,
     pub pods: PodStatusTable,
+    pub certs: Option<Arc<CertificateStore>>,
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -78,6 +81,9 @@ fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
                 "unknown_origin": state.stats.unknown_origin.load(std::sync::atomic::Ordering::Relaxed),
                 "pods": &*lock(&state.pods),
                 "flows": state.stats.snapshot(),
+                "inbound": state.stats.inbound_snapshot(),
+                "tunnels": &state.stats.tunnels,
+                "certificates": state.certs.as_ref().map(|certs| certs.snapshot()),
             });
             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
             response.headers_mut().insert(

@@ -18,11 +18,14 @@ use weft_common::Settings;
 
 use crate::{
     admin::{self, AdminState},
-    config::{AgentSettings, Config},
+    config::{AgentSettings, Config, IdentitySettings},
     datapath::{check_cgroup2_dir, Datapath},
-    enrollment::{Enrollment, LISTENER_LINGER},
+    enrollment::{Enrollment, EnrollmentSettings, LISTENER_LINGER},
+    identity::{CertificateStore, MeshCa},
     proxy::ProxyContext,
+    state::{MeshState, SharedState},
     stats::Stats,
+    tunnel::TunnelPool,
 };
 
 /// How often pods that failed to enroll (e.g. their netns is not there yet) are retried.
@@ -31,6 +34,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 const RELOAD_SETTLE: Duration = Duration::from_millis(150);
 /// After the drain period, how long resetting the remaining connections may take.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
+/// How often certificates are checked for renewal; lifetimes are hours, or seconds in tests.
+const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -48,6 +53,13 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     };
     let settings = config.agent.clone();
     check_cgroup2_dir(&settings.cgroup_path)?;
+    let certs = match &config.identity {
+        Some(identity) => Some(load_identities(identity)?),
+        None => {
+            warn!("no identity section in the config: traffic is proxied as plain L4, without mTLS tunnels or inbound capture");
+            None
+        }
+    };
     raise_fd_limit();
     let admin_listener = admin::bind(settings.admin_addr).await?;
 
@@ -55,23 +67,51 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         &settings.cgroup_path,
         Settings {
             agent_mark: settings.socket_mark,
+            delivery_mark: settings.delivery_mark,
             outbound_port: settings.outbound_port,
-            _pad: 0,
+            inbound_port: settings.inbound_port,
         },
     )?);
     datapath.set_exclusions(&settings.exclude_ports, &settings.exclude_cidrs)?;
     info!(cgroup = %settings.cgroup_path.display(), "eBPF programs attached");
 
     let stats = Arc::new(Stats::default());
+    let tunnels = certs.as_ref().map(|certs| {
+        TunnelPool::new(
+            Arc::clone(certs),
+            Arc::clone(&stats),
+            settings.inbound_port,
+            settings.socket_mark,
+            settings.connect_timeout(),
+        )
+    });
     let ctx = Arc::new(ProxyContext {
         datapath: Arc::clone(&datapath),
         stats: Arc::clone(&stats),
+        state: SharedState::new(MeshState::from_config(&config)),
+        tunnels,
         socket_mark: settings.socket_mark,
+        delivery_mark: settings.delivery_mark,
+        tunnel_port: settings.inbound_port,
         connect_timeout: settings.connect_timeout(),
+        local_pods: Default::default(),
         connections: TaskTracker::new(),
         abort: CancellationToken::new(),
     });
-    let mut enrollment = Enrollment::new(Arc::clone(&ctx), settings.outbound_port);
+    let mut enrollment = Enrollment::new(
+        Arc::clone(&ctx),
+        EnrollmentSettings {
+            outbound_port: settings.outbound_port,
+            tunnel_port: settings.inbound_port,
+            plaintext_port: settings.inbound_plaintext_port,
+            delivery_mark: settings.delivery_mark,
+            identities: config
+                .identity
+                .as_ref()
+                .zip(certs.as_ref())
+                .map(|(identity, certs)| (identity.trust_domain.clone(), Arc::clone(certs))),
+        },
+    );
     enrollment.apply(&config).await;
 
     let stop_admin = CancellationToken::new();
@@ -79,6 +119,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         datapath: Arc::clone(&datapath),
         stats,
         pods: enrollment.status(),
+        certs: certs.clone(),
     });
     tokio::spawn(admin::serve(
         admin_listener,
@@ -91,6 +132,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    let mut renew = tokio::time::interval(RENEW_CHECK_INTERVAL);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -105,10 +147,17 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
                 enrollment.apply(&config).await;
                 continue;
             }
+            _ = renew.tick(), if certs.is_some() => {
+                if let Some(certs) = &certs {
+                    certs.renew_due();
+                }
+                continue;
+            }
         }
         let Some(path) = &config_path else { continue };
         match reload(path, &config, &datapath) {
             Ok(Some(new)) => {
+                ctx.state.replace(MeshState::from_config(&new));
                 enrollment.apply(&new).await;
                 config = new;
             }
@@ -164,10 +213,21 @@ fn reload(path: &Path, running: &Config, datapath: &Datapath) -> Result<Option<C
         exclude_cidrs: old.exclude_cidrs.clone(),
         ..next.clone()
     };
-    if &restart_only != old {
-        warn!("agent settings other than exclusions changed; they take effect when weft restarts");
+    if &restart_only != old || new.identity != running.identity {
+        warn!("agent or identity settings other than exclusions changed; they take effect when weft restarts");
     }
     Ok(Some(new))
+}
+
+/// Loads the mesh CA; a missing, malformed, expired or non-CA file stops start-up.
+fn load_identities(identity: &IdentitySettings) -> Result<Arc<CertificateStore>> {
+    let ca = MeshCa::load(&identity.ca_cert, &identity.ca_key).context("loading the mesh CA")?;
+    info!(trust_domain = %identity.trust_domain, ca = %identity.ca_cert.display(), lifetime_s = identity.cert_lifetime_s, "workload identities enabled");
+    Ok(Arc::new(CertificateStore::new(
+        ca,
+        identity.cert_lifetime(),
+        identity.renew_fraction,
+    )))
 }
 
 /// Each proxied connection holds two descriptors; the usual soft limit of 1024 is far too low.

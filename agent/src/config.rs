@@ -1,9 +1,9 @@
 //! The local configuration file: agent settings and the enrolled pods. Parsing is strict (unknown
 //! keys are errors) and a rejected file never changes the running state.
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     fmt,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -13,6 +13,8 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use weft_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 
+use crate::policy::{validate_policies, AuthorizationPolicy};
+
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -20,8 +22,59 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
 pub struct Config {
     #[serde(default)]
     pub agent: AgentSettings,
+    /// Workload identities and the mesh CA. Without it weft proxies plain L4 only: no tunnels,
+    /// no inbound capture.
+    #[serde(default)]
+    pub identity: Option<IdentitySettings>,
+    /// Pods on this node that weft captures.
     #[serde(default)]
     pub pods: Vec<PodSpec>,
+    /// Meshed workloads on other nodes: where tunnels go and which identity to expect there.
+    #[serde(default)]
+    pub peers: Vec<PeerSpec>,
+    /// L4 authorization, shaped like a Kubernetes custom resource.
+    #[serde(default)]
+    pub policies: Vec<AuthorizationPolicy>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    pub trust_domain: String,
+    /// PEM files of the mesh CA (e.g. a mounted Secret); the agent issues workload certificates
+    /// from them.
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    #[serde(default = "default_cert_lifetime_s")]
+    pub cert_lifetime_s: u64,
+    /// Fraction of the lifetime after which a certificate is renewed.
+    #[serde(default = "default_renew_fraction")]
+    pub renew_fraction: f64,
+}
+
+fn default_cert_lifetime_s() -> u64 {
+    24 * 3600
+}
+
+fn default_renew_fraction() -> f64 {
+    0.5
+}
+
+impl IdentitySettings {
+    pub fn cert_lifetime(&self) -> Duration {
+        Duration::from_secs(self.cert_lifetime_s)
+    }
+}
+
+/// How an enrolled pod treats plaintext connections arriving from outside the mesh.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum InboundMode {
+    /// Plaintext is rejected (reset) and counted.
+    Strict,
+    /// Plaintext is delivered, counted as plaintext.
+    #[default]
+    Permissive,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -35,6 +88,15 @@ pub struct AgentSettings {
     pub exclude_cidrs: Vec<Ipv4Net>,
     pub connect_timeout_ms: u64,
     pub drain_timeout_ms: u64,
+    /// This node's name, as peers' `node` refer to it.
+    pub node_name: String,
+    /// The mTLS tunnel listener inside each enrolled pod.
+    pub inbound_port: u16,
+    /// The listener on 127.0.0.1 inside each enrolled pod that receives captured plaintext.
+    pub inbound_plaintext_port: u16,
+    /// SO_MARK of the sockets delivering inbound traffic to the app; replies to them are routed
+    /// back to the agent by this mark.
+    pub delivery_mark: u32,
 }
 
 impl Default for AgentSettings {
@@ -48,6 +110,10 @@ impl Default for AgentSettings {
             exclude_cidrs: Vec::new(),
             connect_timeout_ms: 5000,
             drain_timeout_ms: 10_000,
+            node_name: "local".to_owned(),
+            inbound_port: 15008,
+            inbound_plaintext_port: 15006,
+            delivery_mark: 0x5747,
         }
     }
 }
@@ -70,6 +136,30 @@ pub struct PodSpec {
     pub namespace: String,
     /// A path that refers to the pod's network namespace (e.g. /var/run/netns/x or /proc/PID/ns/net).
     pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub inbound_mode: InboundMode,
+}
+
+/// A meshed workload on another node.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub node: String,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
 }
 
 fn default_namespace() -> String {
@@ -128,9 +218,6 @@ impl Config {
                 agent.cgroup_path.display()
             );
         }
-        if agent.outbound_port == 0 {
-            bail!("agent.outbound_port must not be 0");
-        }
         if agent.socket_mark == 0 {
             bail!("agent.socket_mark must not be 0 (unmarked sockets would count as the agent's)");
         }
@@ -146,18 +233,39 @@ impl Config {
         if agent.connect_timeout_ms == 0 {
             bail!("agent.connect_timeout_ms must be greater than 0");
         }
+        let ports = [
+            ("outbound_port", agent.outbound_port),
+            ("inbound_port", agent.inbound_port),
+            ("inbound_plaintext_port", agent.inbound_plaintext_port),
+        ];
+        for (i, (name, port)) in ports.iter().enumerate() {
+            if *port == 0 {
+                bail!("agent.{name} must not be 0");
+            }
+            if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
+                bail!("agent.{name} and agent.{other} must differ (both {port})");
+            }
+        }
+        if agent.delivery_mark == 0 || agent.delivery_mark == agent.socket_mark {
+            bail!("agent.delivery_mark must be non-zero and differ from agent.socket_mark");
+        }
+        if !is_dns_subdomain(&agent.node_name) {
+            bail!(
+                "agent.node_name {:?} is not a valid node name (DNS subdomain)",
+                agent.node_name
+            );
+        }
+        if let Some(identity) = &self.identity {
+            identity.validate()?;
+        }
         let mut seen_ids = HashSet::new();
         let mut seen_netns = HashSet::new();
+        let mut seen_ips = HashSet::new();
         for (index, pod) in self.pods.iter().enumerate() {
             let entry = format!("pods[{index}] ({})", pod.id());
-            if !is_dns_subdomain(&pod.name) {
-                bail!(
-                    "{entry}: name {:?} is not a valid pod name (DNS subdomain)",
-                    pod.name
-                );
-            }
-            if !is_dns_label(&pod.namespace) {
-                bail!("{entry}: namespace {:?} is not a DNS label", pod.namespace);
+            check_workload(&entry, &pod.name, &pod.namespace, &pod.service_account)?;
+            if !seen_ips.insert(pod.ip) {
+                bail!("{entry}: ip {} is already used by another workload", pod.ip);
             }
             if !pod.netns.is_absolute() {
                 bail!(
@@ -175,8 +283,61 @@ impl Config {
                 );
             }
         }
+        for (index, peer) in self.peers.iter().enumerate() {
+            let entry = format!("peers[{index}] ({}/{})", peer.namespace, peer.name);
+            check_workload(&entry, &peer.name, &peer.namespace, &peer.service_account)?;
+            if !is_dns_subdomain(&peer.node) {
+                bail!("{entry}: node {:?} is not a valid node name", peer.node);
+            }
+            if peer.node == agent.node_name {
+                bail!(
+                    "{entry}: node {:?} is this node; list local workloads under pods",
+                    peer.node
+                );
+            }
+            if !seen_ips.insert(peer.ip) {
+                bail!(
+                    "{entry}: ip {} is already used by another workload",
+                    peer.ip
+                );
+            }
+        }
+        validate_policies(&self.policies)
+    }
+}
+
+impl IdentitySettings {
+    fn validate(&self) -> Result<()> {
+        if !is_dns_subdomain(&self.trust_domain) {
+            bail!(
+                "identity.trust_domain {:?} is not a valid trust domain (DNS name)",
+                self.trust_domain
+            );
+        }
+        if self.cert_lifetime_s == 0 {
+            bail!("identity.cert_lifetime_s must be greater than 0");
+        }
+        if !(self.renew_fraction > 0.0 && self.renew_fraction < 1.0) {
+            bail!(
+                "identity.renew_fraction must be between 0 and 1 (exclusive), got {}",
+                self.renew_fraction
+            );
+        }
         Ok(())
     }
+}
+
+fn check_workload(entry: &str, name: &str, namespace: &str, service_account: &str) -> Result<()> {
+    if !is_dns_subdomain(name) {
+        bail!("{entry}: name {name:?} is not a valid pod name (DNS subdomain)");
+    }
+    if !is_dns_label(namespace) {
+        bail!("{entry}: namespace {namespace:?} is not a DNS label");
+    }
+    if !is_dns_subdomain(service_account) {
+        bail!("{entry}: service_account {service_account:?} is not a valid name (DNS subdomain)");
+    }
+    Ok(())
 }
 
 /// Kubernetes object names: dot-separated DNS labels, at most 253 characters.
@@ -207,7 +368,7 @@ mod tests {
     #[test]
     fn pods_and_exclusions_parse() {
         let config = Config::parse(
-            "agent:\n  cgroup_path: /sys/fs/cgroup/unified/lab\n  exclude_ports: [22]\n  exclude_cidrs: [10.96.0.0/12]\npods:\n  - name: web\n    netns: /var/run/netns/web\n  - name: db\n    namespace: prod\n    netns: /proc/42/ns/net\n",
+            "agent:\n  cgroup_path: /sys/fs/cgroup/unified/lab\n  exclude_ports: [22]\n  exclude_cidrs: [10.96.0.0/12]\npods:\n  - name: web\n    netns: /var/run/netns/web\n    ip: 10.0.0.1\n  - name: db\n    namespace: prod\n    netns: /proc/42/ns/net\n    ip: 10.0.0.2\n",
         )
         .unwrap();
         assert_eq!(config.pods.len(), 2);
@@ -224,29 +385,35 @@ mod tests {
 
     #[test]
     fn unknown_key_names_the_entry() {
-        let err = error_of("pods:\n  - name: web\n    netns: /x\n  - name: db\n    netnz: /y\n");
+        let err = error_of(
+            "pods:\n  - name: web\n    netns: /x\n    ip: 10.0.0.3\n  - name: db\n    netnz: /y\n",
+        );
         assert!(err.contains("pods[1]") && err.contains("netnz"), "{err}");
     }
 
     #[test]
     fn invalid_entries_are_rejected_with_their_index() {
-        let err = error_of("pods:\n  - name: web\n    netns: relative/path\n");
+        let err = error_of("pods:\n  - name: web\n    netns: relative/path\n    ip: 10.0.0.4\n");
         assert!(
             err.contains("pods[0] (default/web)") && err.contains("absolute"),
             "{err}"
         );
-        let err = error_of("pods:\n  - name: a\n    netns: /x\n  - name: a\n    netns: /y\n");
+        let err = error_of("pods:\n  - name: a\n    netns: /x\n    ip: 10.0.0.5\n  - name: a\n    netns: /y\n    ip: 10.0.0.6\n");
         assert!(err.contains("pods[1]") && err.contains("twice"), "{err}");
-        let err = error_of("pods:\n  - name: a\n    netns: /x\n  - name: b\n    netns: /x\n");
+        let err = error_of("pods:\n  - name: a\n    netns: /x\n    ip: 10.0.0.7\n  - name: b\n    netns: /x\n    ip: 10.0.0.8\n");
         assert!(
             err.contains("pods[1]") && err.contains("already used"),
             "{err}"
         );
-        let err = error_of("pods:\n  - name: Not_A_Label\n    netns: /x\n");
+        let err = error_of("pods:\n  - name: Not_A_Label\n    netns: /x\n    ip: 10.0.0.9\n");
         assert!(err.contains("valid pod name"), "{err}");
-        let err = error_of("pods:\n  - name: web\n    namespace: a.b\n    netns: /x\n");
+        let err = error_of(
+            "pods:\n  - name: web\n    namespace: a.b\n    netns: /x\n    ip: 10.0.0.10\n",
+        );
         assert!(err.contains("DNS label"), "{err}");
-        let dotted = Config::parse("pods:\n  - name: web-0.shard-1\n    netns: /x\n").unwrap();
+        let dotted =
+            Config::parse("pods:\n  - name: web-0.shard-1\n    netns: /x\n    ip: 10.0.0.11\n")
+                .unwrap();
         assert_eq!(dotted.pods[0].id().to_string(), "default/web-0.shard-1");
     }
 

@@ -2,18 +2,21 @@
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd,
     path::Path,
     sync::Mutex,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, SockHash},
+    programs::{
+        sk_lookup::SkLookupLinkId, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps,
+    },
     Ebpf,
 };
 use ipnet::Ipv4Net;
-use weft_common::{maps, ClientKey, Counter, OrigDst, Settings};
+use weft_common::{maps, ClientKey, Counter, DeliveryKey, OrigDst, Settings};
 
 use crate::lock;
 
@@ -30,7 +33,17 @@ pub struct Datapath {
     orig_dst: HashMap<MapData, ClientKey, OrigDst>,
     pending_connects: HashMap<MapData, u64, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
+    inbound_listeners: Mutex<SockHash<MapData, u32>>,
+    deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
 }
+
+/// Inbound capture of one pod: undone by [`Datapath::release_inbound`].
+pub struct InboundCapture {
+    pod_ip: Ipv4Addr,
+    link: SkLookupLinkId,
+}
+
+const INBOUND_PROGRAM: &str = "weft_inbound";
 
 /// Fails unless `path` is a directory on a cgroup v2 filesystem.
 pub fn check_cgroup2_dir(path: &Path) -> Result<()> {
@@ -75,6 +88,8 @@ impl Datapath {
             HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST_BY_CLIENT)?)?,
             HashMap::try_from(take_map(&mut ebpf, maps::ORIG_DST_BY_COOKIE)?)?,
             PerCpuArray::try_from(take_map(&mut ebpf, maps::COUNTERS)?)?,
+            SockHash::try_from(take_map(&mut ebpf, maps::INBOUND_LISTENERS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, maps::DELIVERIES)?)?,
         );
         let cgroup = File::open(cgroup_path)
             .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
@@ -102,9 +117,22 @@ impl Datapath {
         release
             .attach(&cgroup, mode)
             .with_context(|| attach_error("weft_sock_release", cgroup_path))?;
+        // Loaded now so a kernel without sk_lookup fails at start-up; attached per pod.
+        let inbound: &mut SkLookup = program(&mut ebpf, INBOUND_PROGRAM)?.try_into()?;
+        inbound.load().context(
+            "the kernel refused the sk_lookup program weft_inbound (needs Linux >= 5.9)",
+        )?;
 
-        let (enrolled, excluded_ports, excluded_cidrs, orig_dst, pending_connects, counters) =
-            datapath_maps;
+        let (
+            enrolled,
+            excluded_ports,
+            excluded_cidrs,
+            orig_dst,
+            pending_connects,
+            counters,
+            inbound_listeners,
+            deliveries,
+        ) = datapath_maps;
         Ok(Self {
             programs: Mutex::new(Some(ebpf)),
             enrolled: Mutex::new(enrolled),
@@ -113,7 +141,69 @@ impl Datapath {
             orig_dst,
             pending_connects,
             counters,
+            inbound_listeners: Mutex::new(inbound_listeners),
+            deliveries: Mutex::new(deliveries),
         })
+    }
+
+    /// Lets the connection the agent is opening from `source` to an app through to the app
+    /// instead of steering it back to the agent. Call [`Datapath::end_delivery`] once connected.
+    pub fn begin_delivery(&self, source: SocketAddrV4) -> Result<()> {
+        lock(&self.deliveries)
+            .insert(delivery_key(source), 1, 0)
+            .with_context(|| format!("registering the delivery from {source}"))
+    }
+
+    pub fn end_delivery(&self, source: SocketAddrV4) {
+        // Not found is fine; any other failure leaves an entry the next delivery from the same
+        // address and port overwrites.
+        let _ = lock(&self.deliveries).remove(&delivery_key(source));
+    }
+
+    /// Steers connections that arrive at `pod_ip` from outside the pod (except on the tunnel
+    /// port) to `listener`, a listening socket inside the pod's namespace `netns`.
+    pub fn capture_inbound(
+        &self,
+        netns: &File,
+        pod_ip: Ipv4Addr,
+        listener: &impl AsRawFd,
+    ) -> Result<InboundCapture> {
+        let key = u32::from_ne_bytes(pod_ip.octets());
+        lock(&self.inbound_listeners)
+            .insert(key, listener.as_raw_fd(), 0)
+            .with_context(|| {
+                format!("adding the inbound listener of {pod_ip} to the socket map")
+            })?;
+        let mut programs = lock(&self.programs);
+        let attached = programs
+            .as_mut()
+            .ok_or_else(|| anyhow!("the eBPF programs are detached"))
+            .and_then(|ebpf| {
+                let inbound: &mut SkLookup = program(ebpf, INBOUND_PROGRAM)?.try_into()?;
+                Ok(inbound.attach(netns)?)
+            });
+        match attached {
+            Ok(link) => Ok(InboundCapture { pod_ip, link }),
+            Err(err) => {
+                let _ = lock(&self.inbound_listeners).remove(&key);
+                Err(err).context("attaching the sk_lookup program to the pod's network namespace")
+            }
+        }
+    }
+
+    /// Stops steering the pod's inbound connections; they reach its sockets directly again.
+    pub fn release_inbound(&self, capture: InboundCapture) -> Result<()> {
+        if let Some(ebpf) = lock(&self.programs).as_mut() {
+            let inbound: &mut SkLookup = program(ebpf, INBOUND_PROGRAM)?.try_into()?;
+            inbound
+                .detach(capture.link)
+                .context("detaching the sk_lookup program")?;
+        }
+        let key = u32::from_ne_bytes(capture.pod_ip.octets());
+        match lock(&self.inbound_listeners).remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(err).context("removing the inbound listener from the socket map"),
+        }
     }
 
     /// Detaches and unloads all programs; new connects are no longer captured.
@@ -212,6 +302,14 @@ impl Datapath {
                 (counter.name(), total)
             })
             .collect()
+    }
+}
+
+fn delivery_key(source: SocketAddrV4) -> DeliveryKey {
+    DeliveryKey {
+        ip: u32::from_ne_bytes(source.ip().octets()),
+        port: source.port(),
+        _pad: 0,
     }
 }
 

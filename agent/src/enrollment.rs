@@ -1,7 +1,8 @@
-//! Turns the desired set of pods into enrolled ones: a listener inside each pod's netns plus its
-//! cookie in the eBPF enrollment map. Changes apply to a pod's next connection; nothing restarts.
+//! Turns the desired set of pods into enrolled ones: an outbound listener inside each pod's netns
+//! plus its cookie in the eBPF enrollment map, and, with identities, the pod's tunnel listener
+//! and its inbound capture. Changes apply to a pod's next connection; nothing restarts.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -9,11 +10,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, PodId, PodSpec},
+    datapath::InboundCapture,
+    identity::{CertificateStore, Identity},
+    inbound::{run_plaintext_listener, run_tunnel_listener},
     lock,
     netns::PodNetns,
     proxy::{run_outbound, PodProxy, ProxyContext},
@@ -32,7 +37,26 @@ pub type PodStatusTable = Arc<Mutex<BTreeMap<PodId, PodStatus>>>;
 struct EnrolledPod {
     spec: PodSpec,
     cookie: u64,
+    identity: Option<Identity>,
+    inbound: Option<InboundCapture>,
     stop_accepting: CancellationToken,
+}
+
+/// Ports and identities of the listeners each pod gets.
+pub struct EnrollmentSettings {
+    pub outbound_port: u16,
+    pub tunnel_port: u16,
+    pub plaintext_port: u16,
+    pub delivery_mark: u32,
+    /// Present when identities are configured: pods then get tunnels and inbound capture.
+    pub identities: Option<(String, Arc<CertificateStore>)>,
+}
+
+/// Whether two specs of a pod need different listeners. Inbound mode and labels are read from
+/// the live mesh state on every connection, so changing them does not re-enroll the pod.
+fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
+    (&a.name, &a.namespace, &a.netns, a.ip, &a.service_account)
+        == (&b.name, &b.namespace, &b.netns, b.ip, &b.service_account)
 }
 
 impl EnrolledPod {
@@ -46,16 +70,16 @@ impl EnrolledPod {
 
 pub struct Enrollment {
     ctx: Arc<ProxyContext>,
-    outbound_port: u16,
+    settings: EnrollmentSettings,
     enrolled: BTreeMap<PodId, EnrolledPod>,
     status: PodStatusTable,
 }
 
 impl Enrollment {
-    pub fn new(ctx: Arc<ProxyContext>, outbound_port: u16) -> Self {
+    pub fn new(ctx: Arc<ProxyContext>, settings: EnrollmentSettings) -> Self {
         Self {
             ctx,
-            outbound_port,
+            settings,
             enrolled: BTreeMap::new(),
             status: PodStatusTable::default(),
         }
@@ -79,7 +103,11 @@ impl Enrollment {
         let gone: Vec<PodId> = self
             .enrolled
             .iter()
-            .filter(|(id, pod)| desired.get(*id) != Some(&&pod.spec))
+            .filter(|(id, pod)| {
+                !desired
+                    .get(*id)
+                    .is_some_and(|spec| same_enrollment(spec, &pod.spec))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
@@ -92,7 +120,7 @@ impl Enrollment {
             if let Some(pod) = self.enrolled.get(&id) {
                 // Already serving this spec (say, a failed release it is wanted back from): report
                 // it as enrolled. A pod still holding an older spec keeps its failed release status.
-                if &pod.spec == spec {
+                if same_enrollment(&pod.spec, spec) {
                     lock(&self.status).insert(id, pod.status());
                 }
                 continue;
@@ -109,6 +137,15 @@ impl Enrollment {
             };
             lock(&self.status).insert(id, status);
         }
+        if let Some((_, certs)) = &self.settings.identities {
+            // Certificates of identities that left the node go with them.
+            let held: HashSet<Identity> = self
+                .enrolled
+                .values()
+                .filter_map(|pod| pod.identity.clone())
+                .collect();
+            certs.retain(&held);
+        }
     }
 
     async fn enroll(&mut self, spec: &PodSpec) -> Result<PodStatus> {
@@ -121,35 +158,123 @@ impl Enrollment {
                 spec.netns.display()
             );
         }
-        let listen_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let listener = netns.listen(listen_addr).await.with_context(|| {
+        let settings = &self.settings;
+        let listen_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.outbound_port));
+        let outbound = netns.listen(listen_addr).await.with_context(|| {
             format!("opening the outbound listener {listen_addr} inside the pod")
         })?;
-        let stop_accepting = CancellationToken::new();
+        let identity = settings.identities.as_ref().map(|(trust_domain, _)| {
+            Identity::new(trust_domain, &spec.namespace, &spec.service_account)
+        });
+        let transparent_delivery = match &identity {
+            Some(_) => match netns
+                .route_marked_replies_locally(settings.delivery_mark)
+                .await
+            {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(pod = %id, error = %err, "cannot route delivery replies inside the pod; apps will see the pod's own address as source");
+                    false
+                }
+            },
+            None => false,
+        };
+        let inbound_listeners = match (&identity, &settings.identities) {
+            (Some(identity), Some((_, certs))) => {
+                let tunnel_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, settings.tunnel_port));
+                let tunnel = netns.listen(tunnel_addr).await.with_context(|| {
+                    format!("opening the tunnel listener {tunnel_addr} inside the pod")
+                })?;
+                let plaintext_addr =
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, settings.plaintext_port));
+                let plaintext = netns.listen(plaintext_addr).await.with_context(|| {
+                    format!(
+                        "opening the plaintext inbound listener {plaintext_addr} inside the pod"
+                    )
+                })?;
+                let tls = TlsAcceptor::from(certs.server_config(identity)?);
+                Some((tunnel, tls, plaintext))
+            }
+            _ => None,
+        };
         let proxy = Arc::new(PodProxy {
             id: id.clone(),
+            ip: spec.ip,
             netns,
+            identity: identity.clone(),
+            transparent_delivery,
         });
+        let stop_accepting = CancellationToken::new();
+        let ctx = &self.ctx;
         tokio::spawn(run_outbound(
-            listener,
-            proxy,
-            Arc::clone(&self.ctx),
+            outbound,
+            Arc::clone(&proxy),
+            Arc::clone(ctx),
             stop_accepting.clone(),
         ));
+        let mut inbound = None;
+        if let Some((tunnel, tls, plaintext)) = inbound_listeners {
+            let capture = ctx
+                .datapath
+                .capture_inbound(proxy.netns.file(), spec.ip, &plaintext);
+            let capture = match capture {
+                Ok(capture) => capture,
+                Err(err) => {
+                    stop_accepting.cancel();
+                    return Err(err);
+                }
+            };
+            inbound = Some(capture);
+            tokio::spawn(run_tunnel_listener(
+                tunnel,
+                tls,
+                Arc::clone(&proxy),
+                Arc::clone(ctx),
+                stop_accepting.clone(),
+            ));
+            tokio::spawn(run_plaintext_listener(
+                plaintext,
+                Arc::clone(&proxy),
+                Arc::clone(ctx),
+                stop_accepting.clone(),
+            ));
+            ctx.local_pods
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(spec.ip, Arc::clone(&proxy));
+        }
         // The listener exists before the pod is marked enrolled, so no redirected connect is refused.
-        if let Err(err) = self.ctx.datapath.enroll(cookie) {
+        if let Err(err) = ctx.datapath.enroll(cookie) {
+            self.release_inbound(spec.ip, inbound);
             stop_accepting.cancel();
             return Err(err);
         }
         let pod = EnrolledPod {
             spec: spec.clone(),
             cookie,
+            identity,
+            inbound,
             stop_accepting,
         };
         let status = pod.status();
-        info!(pod = %id, netns = %spec.netns.display(), netns_cookie = cookie, "pod enrolled");
+        info!(pod = %id, netns = %spec.netns.display(), netns_cookie = cookie, ip = %spec.ip, identity = ?pod.identity.as_ref().map(ToString::to_string), "pod enrolled");
         self.enrolled.insert(id, pod);
         Ok(status)
+    }
+
+    /// Stops steering the pod's inbound connections to the agent and forgets it as a delivery
+    /// target. A failure is logged: the capture goes at the latest with the agent.
+    fn release_inbound(&self, ip: Ipv4Addr, capture: Option<InboundCapture>) {
+        self.ctx
+            .local_pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ip);
+        if let Some(capture) = capture {
+            if let Err(err) = self.ctx.datapath.release_inbound(capture) {
+                error!(%ip, error = format!("{err:#}"), "cannot release inbound capture");
+            }
+        }
     }
 
     /// Releases capture first so the pod's next connect goes direct, then closes the listener
@@ -168,6 +293,7 @@ impl Enrollment {
             return;
         }
         if let Some(pod) = self.enrolled.remove(id) {
+            self.release_inbound(pod.spec.ip, pod.inbound);
             close_listener_after_linger(pod.stop_accepting);
         }
         lock(&self.status).remove(id);

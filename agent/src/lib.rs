@@ -1,16 +1,26 @@
 //! weft, the node agent. A connection's path through this crate:
 //! `datapath` (eBPF hooks redirect an enrolled pod's connect to 127.0.0.1:15001 in that pod) →
 //! `enrollment` (opened that listener inside the pod's netns via `netns`) →
-//! `proxy` (accepts, asks `datapath` for the original destination, connects from inside the pod,
-//! copies bytes, counts them in `stats`). `agent` wires it together; `admin` shows the counters.
+//! `proxy` (accepts, asks `datapath` for the original destination; a meshed destination in
+//! `state` goes through `tunnel`, an mTLS HTTP/2 CONNECT stream with certificates from
+//! `identity`; anything else is connected from inside the pod as plain TCP) →
+//! on the destination node, `inbound` (accepts the tunnel in the destination pod, checks the
+//! peer's identity and `policy`, and connects to the app from the client's address; plaintext
+//! arriving at the pod is steered there by `datapath`'s sk_lookup program).
+//! `stats` counts it all, `agent` wires it together, `admin` shows the counters.
 pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod enrollment;
+pub mod identity;
+pub mod inbound;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
+pub mod state;
 pub mod stats;
+pub mod tunnel;
 
 /// Locks a mutex, ignoring poisoning: none of the state behind weft's mutexes can be left
 /// half-updated by a panicking holder.

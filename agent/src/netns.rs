@@ -5,7 +5,7 @@
 use std::{
     fs::File,
     io,
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, SocketAddrV4, TcpListener},
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::Path,
     sync::mpsc,
@@ -24,6 +24,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct PodNetns {
     jobs: mpsc::Sender<Job>,
     cookie: u64,
+    /// Kept open: eBPF programs attach to the namespace through it.
+    file: File,
 }
 
 impl PodNetns {
@@ -35,6 +37,9 @@ impl PodNetns {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+        let file = netns
+            .try_clone()
+            .context("duplicating the network namespace descriptor")?;
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<u64>>(1);
         std::thread::Builder::new()
@@ -59,7 +64,11 @@ impl PodNetns {
             .recv()
             .context("network-namespace worker exited during start-up")?
             .with_context(|| format!("cannot enter network namespace {}", path.display()))?;
-        Ok(Self { jobs, cookie })
+        Ok(Self { jobs, cookie, file })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The kernel's cookie for this namespace: what the eBPF programs key pods by.
@@ -114,6 +123,88 @@ impl PodNetns {
             .await?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
+}
+
+impl PodNetns {
+    /// An unconnected socket inside the pod for delivering inbound traffic to an app. With
+    /// `transparent_source` (the client's address) it is bound to the client's IP
+    /// (IP_TRANSPARENT), so the app sees who called, on a port other than the client's: a
+    /// plaintext client connected to the same app port would otherwise share the app's 4-tuple.
+    pub async fn delivery_socket(
+        &self,
+        mark: u32,
+        transparent_source: Option<SocketAddrV4>,
+    ) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self
+            .run(move || delivery_socket(mark, transparent_source))
+            .await?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Routes the replies of the app's connections from transparently bound delivery sockets back
+    /// to the agent: those connections carry `mark` (the pod's kernel copies an incoming SYN's
+    /// mark to the accepted socket with `tcp_fwmark_accept`), and marked packets are routed to
+    /// loopback. Everything the app does otherwise is unmarked and untouched.
+    pub async fn route_marked_replies_locally(&self, mark: u32) -> io::Result<()> {
+        self.run(move || {
+            // /proc/sys/net shows the namespace of the thread that opens it: this one's.
+            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+            let table = mark.to_string();
+            let mark = format!("{mark:#x}");
+            let rules = ip_command(&["rule", "show", "fwmark", &mark])?;
+            if rules.trim().is_empty() {
+                ip_command(&["rule", "add", "fwmark", &mark, "lookup", &table])?;
+            }
+            ip_command(&[
+                "route",
+                "replace",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                &table,
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Runs `ip` from the calling thread: a forked child starts in that thread's network namespace.
+fn ip_command(args: &[&str]) -> io::Result<String> {
+    let output = std::process::Command::new("ip").args(args).output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn delivery_socket(mark: u32, transparent_source: Option<SocketAddrV4>) -> io::Result<Socket> {
+    // The kernel picks the source port at bind; a second pick differs from a clashing first one.
+    for _ in 0..3 {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_mark(mark)?;
+        socket.set_nonblocking(true)?;
+        socket.set_nodelay(true)?;
+        let Some(source) = transparent_source else {
+            return Ok(socket);
+        };
+        socket.set_ip_transparent(true)?;
+        socket.bind(&SocketAddr::from((*source.ip(), 0)).into())?;
+        let port = socket.local_addr()?.as_socket().map(|a| a.port());
+        if port != Some(source.port()) {
+            return Ok(socket);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free source port distinct from the client's",
+    ))
 }
 
 /// Cookie of the network namespace the calling thread is in.

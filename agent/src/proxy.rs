@@ -1,12 +1,14 @@
-//! The outbound L4 proxy: accepts redirected connections on a pod's listener, recovers where they
-//! were going, connects there from inside the pod and copies bytes both ways.
+//! The outbound proxy: accepts redirected connections on a pod's listener, recovers where they
+//! were going, and sends them on: through an mTLS tunnel when the destination is a meshed
+//! workload, else as plain TCP from inside the pod.
 use std::{
+    collections::HashMap,
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
+        Arc, RwLock,
     },
     task::{Context, Poll},
     time::Duration,
@@ -19,7 +21,15 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use crate::{config::PodId, datapath::Datapath, netns::PodNetns, stats::Stats};
+use crate::{
+    config::PodId,
+    datapath::Datapath,
+    identity::Identity,
+    netns::PodNetns,
+    state::SharedState,
+    stats::{FlowCounters, Stats, Transport},
+    tunnel::TunnelPool,
+};
 
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -27,17 +37,36 @@ const COPY_BUFFER_BYTES: usize = 64 * 1024;
 pub struct ProxyContext {
     pub datapath: Arc<Datapath>,
     pub stats: Arc<Stats>,
+    pub state: SharedState,
+    /// Present when workload identities are configured.
+    pub tunnels: Option<TunnelPool>,
     pub socket_mark: u32,
+    pub delivery_mark: u32,
+    pub tunnel_port: u16,
     pub connect_timeout: Duration,
+    /// Enrolled pods by IP, for delivering inbound streams.
+    pub local_pods: RwLock<HashMap<Ipv4Addr, Arc<PodProxy>>>,
     /// Tracks open connections so shutdown can drain them.
     pub connections: TaskTracker,
     /// Cancelled when the drain period is over: open connections are then reset.
     pub abort: CancellationToken,
 }
 
+impl ProxyContext {
+    pub fn local_pod(&self, ip: &Ipv4Addr) -> Option<Arc<PodProxy>> {
+        let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
+        pods.get(ip).cloned()
+    }
+}
+
 pub struct PodProxy {
     pub id: PodId,
+    pub ip: Ipv4Addr,
     pub netns: PodNetns,
+    /// The pod's workload identity, when identities are configured.
+    pub identity: Option<Identity>,
+    /// Inbound deliveries may use the client's address as source (see `inbound::deliver`).
+    pub transparent_delivery: bool,
 }
 
 /// Accepts on `listener` until `stop` is cancelled. Open connections are not affected by `stop`.
@@ -69,7 +98,12 @@ pub async fn run_outbound(
     debug!(pod = %pod.id, "outbound listener closed");
 }
 
-async fn proxy_connection(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream, peer: SocketAddr) {
+async fn proxy_connection(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
     let SocketAddr::V4(peer) = peer else {
         warn!(pod = %pod.id, %peer, "unexpected IPv6 client on the IPv4 outbound listener");
         return;
@@ -80,48 +114,114 @@ async fn proxy_connection(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream,
         let _ = client.set_zero_linger();
         return;
     };
-    let flow = ctx.stats.flow(&pod.id, destination);
-    flow.opened.fetch_add(1, Relaxed);
-    let upstream = match connect_upstream(ctx, pod, destination).await {
-        Ok(upstream) => upstream,
-        Err(err) => {
-            flow.failed.fetch_add(1, Relaxed);
-            warn!(pod = %pod.id, %destination, error = %err, "upstream connect failed");
-            // A reset tells the client the destination failed, as a direct connect would have.
-            let _ = client.set_zero_linger();
-            return;
-        }
-    };
     let _ = client.set_nodelay(true);
-    let mut client = Metered {
-        inner: client,
-        bytes_read: &flow.bytes_sent,
-    };
-    let mut upstream = Metered {
-        inner: upstream,
-        bytes_read: &flow.bytes_received,
-    };
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER_BYTES,
-        COPY_BUFFER_BYTES,
-    );
-    let result = tokio::select! {
-        result = copy => result,
-        () = ctx.abort.cancelled() => Err(io::Error::other("the agent's drain period is over")),
-    };
+    let state = ctx.state.get();
+    let meshed = ctx
+        .tunnels
+        .as_ref()
+        .zip(pod.identity.as_ref())
+        .zip(state.workload(*destination.ip()));
+    if let Some(((tunnels, source), workload)) = meshed {
+        let flow = ctx.stats.flow(&pod.id, destination, Transport::Mtls);
+        flow.opened.fetch_add(1, Relaxed);
+        match tunnels
+            .open_stream(source, pod.ip, workload, destination)
+            .await
+        {
+            Ok(mut stream) => {
+                relay(ctx, pod, destination, &flow, &mut client, &mut stream).await;
+            }
+            Err(err) => refuse(pod, destination, &flow, &client, format!("{err:#}")),
+        }
+        return;
+    }
+    let flow = ctx.stats.flow(&pod.id, destination, Transport::Plaintext);
+    flow.opened.fetch_add(1, Relaxed);
+    match connect_upstream(ctx, pod, destination).await {
+        Ok(mut upstream) => {
+            if !relay(ctx, pod, destination, &flow, &mut client, &mut upstream).await {
+                let _ = upstream.set_zero_linger();
+            }
+        }
+        Err(err) => refuse(pod, destination, &flow, &client, err.to_string()),
+    }
+}
+
+/// Copies both ways until both sides end. False when it ended with an error: the client is
+/// reset, as the caller must reset the other side, so an abort is not passed on as a clean end.
+async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    destination: SocketAddrV4,
+    flow: &FlowCounters,
+    client: &mut TcpStream,
+    upstream: &mut U,
+) -> bool {
+    let result = copy_metered(
+        ctx,
+        client,
+        upstream,
+        &flow.bytes_sent,
+        &flow.bytes_received,
+    )
+    .await;
     flow.closed.fetch_add(1, Relaxed);
     match result {
         Ok((sent, received)) => {
-            debug!(pod = %pod.id, %destination, sent, received, "connection closed")
+            debug!(pod = %pod.id, %destination, sent, received, "connection closed");
+            true
         }
         Err(err) => {
             info!(pod = %pod.id, %destination, error = %err, "connection ended with an error");
-            // Pass an abort on as an abort (RST) to both ends, not as a clean end of stream.
-            let _ = client.inner.set_zero_linger();
-            let _ = upstream.inner.set_zero_linger();
+            let _ = client.set_zero_linger();
+            false
         }
+    }
+}
+
+/// The destination could not be reached: a reset tells the client, as a direct connect would.
+fn refuse(
+    pod: &PodProxy,
+    destination: SocketAddrV4,
+    flow: &FlowCounters,
+    client: &TcpStream,
+    error: String,
+) {
+    flow.failed.fetch_add(1, Relaxed);
+    warn!(pod = %pod.id, %destination, error, "upstream connect failed");
+    let _ = client.set_zero_linger();
+}
+
+/// Copies between `a` and `b` with backpressure and half-close, counting the bytes read from
+/// each; ends with an error when the agent's drain period is over.
+pub async fn copy_metered<A, B>(
+    ctx: &ProxyContext,
+    a: &mut A,
+    b: &mut B,
+    read_from_a: &AtomicU64,
+    read_from_b: &AtomicU64,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut a = Metered {
+        inner: a,
+        bytes_read: read_from_a,
+    };
+    let mut b = Metered {
+        inner: b,
+        bytes_read: read_from_b,
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut a,
+        &mut b,
+        COPY_BUFFER_BYTES,
+        COPY_BUFFER_BYTES,
+    );
+    tokio::select! {
+        result = copy => result,
+        () = ctx.abort.cancelled() => Err(io::Error::other("the agent's drain period is over")),
     }
 }
 

@@ -1,5 +1,6 @@
-//! In-memory L4 counters per (source pod, original destination). Counters are shared with the
-//! connection tasks and move while a connection is open, not only when it closes.
+//! In-memory L4 counters: outbound per (source pod, original destination, transport), inbound per
+//! destination pod, and the tunnels' own. Counters are shared with the connection tasks and move
+//! while a connection is open, not only when it closes.
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
@@ -24,10 +25,21 @@ pub struct FlowCounters {
     pub bytes_received: AtomicU64,
 }
 
+/// How an outbound connection left the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Through an mTLS tunnel to a meshed workload.
+    Mtls,
+    /// As plain TCP: the destination is not in the mesh (or weft runs without identities).
+    Plaintext,
+}
+
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct FlowSnapshot {
     pub source_pod: PodId,
     pub destination: SocketAddrV4,
+    pub transport: Transport,
     pub opened: u64,
     pub closed: u64,
     pub failed: u64,
@@ -36,24 +48,82 @@ pub struct FlowSnapshot {
     pub bytes_received: u64,
 }
 
+/// Connections arriving at one local pod.
+#[derive(Default, Serialize)]
+pub struct InboundCounters {
+    /// Tunnel streams delivered to the app.
+    pub mtls: AtomicU64,
+    /// Plaintext connections delivered (PERMISSIVE).
+    pub plaintext: AtomicU64,
+    /// Plaintext connections refused (STRICT).
+    pub plaintext_rejected: AtomicU64,
+    /// Connections refused by an authorization policy.
+    pub denied: AtomicU64,
+    /// The app could not be reached.
+    pub failed: AtomicU64,
+    pub bytes_to_app: AtomicU64,
+    pub bytes_from_app: AtomicU64,
+}
+
+/// The tunnels between agents.
+#[derive(Default, Serialize)]
+pub struct TunnelCounters {
+    /// TLS handshakes this agent made as a client (one per pooled connection).
+    pub client_handshakes: AtomicU64,
+    /// TLS handshakes this agent accepted as a server.
+    pub server_handshakes: AtomicU64,
+    /// Handshakes refused: bad or missing client certificate, another CA, garbage, timeouts.
+    pub rejected_handshakes: AtomicU64,
+    /// Streams refused before reaching any app: not CONNECT, bad or non-local target, a source
+    /// address that does not belong to the peer's identity.
+    pub rejected_streams: AtomicU64,
+    /// Tunnel connections that ended with a protocol error.
+    pub connection_errors: AtomicU64,
+}
+
 #[derive(Default)]
 pub struct Stats {
-    flows: Mutex<HashMap<(PodId, SocketAddrV4), Arc<FlowCounters>>>,
+    flows: Mutex<HashMap<(PodId, SocketAddrV4, Transport), Arc<FlowCounters>>>,
+    inbound: Mutex<HashMap<PodId, Arc<InboundCounters>>>,
+    pub tunnels: TunnelCounters,
     /// Connections accepted on a pod listener that the eBPF programs did not redirect.
     pub unknown_origin: AtomicU64,
 }
 
 impl Stats {
-    pub fn flow(&self, pod: &PodId, destination: SocketAddrV4) -> Arc<FlowCounters> {
+    pub fn flow(
+        &self,
+        pod: &PodId,
+        destination: SocketAddrV4,
+        transport: Transport,
+    ) -> Arc<FlowCounters> {
         let mut flows = lock(&self.flows);
-        Arc::clone(flows.entry((pod.clone(), destination)).or_default())
+        Arc::clone(
+            flows
+                .entry((pod.clone(), destination, transport))
+                .or_default(),
+        )
+    }
+
+    pub fn inbound(&self, pod: &PodId) -> Arc<InboundCounters> {
+        Arc::clone(lock(&self.inbound).entry(pod.clone()).or_default())
+    }
+
+    /// Inbound counters by destination pod, serialisable as they are (atomics serialise as numbers).
+    pub fn inbound_snapshot(&self) -> serde_json::Value {
+        let inbound = lock(&self.inbound);
+        let by_pod: std::collections::BTreeMap<String, &InboundCounters> = inbound
+            .iter()
+            .map(|(pod, counters)| (pod.to_string(), counters.as_ref()))
+            .collect();
+        serde_json::to_value(by_pod).unwrap_or_default()
     }
 
     pub fn snapshot(&self) -> Vec<FlowSnapshot> {
         let flows = lock(&self.flows);
         let mut snapshot: Vec<FlowSnapshot> = flows
             .iter()
-            .map(|((pod, destination), c)| {
+            .map(|((pod, destination, transport), c)| {
                 let (opened, closed, failed) = (
                     c.opened.load(Relaxed),
                     c.closed.load(Relaxed),
@@ -62,6 +132,7 @@ impl Stats {
                 FlowSnapshot {
                     source_pod: pod.clone(),
                     destination: *destination,
+                    transport: *transport,
                     opened,
                     closed,
                     failed,
@@ -71,8 +142,13 @@ impl Stats {
                 }
             })
             .collect();
-        snapshot
-            .sort_by(|a, b| (&a.source_pod, a.destination).cmp(&(&b.source_pod, b.destination)));
+        snapshot.sort_by(|a, b| {
+            (&a.source_pod, a.destination, a.transport).cmp(&(
+                &b.source_pod,
+                b.destination,
+                b.transport,
+            ))
+        });
         snapshot
     }
 }
@@ -86,11 +162,26 @@ mod tests {
         let stats = Stats::default();
         let (web, db) = (PodId::new("default", "web"), PodId::new("default", "db"));
         let dst: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
-        stats.flow(&web, dst).opened.fetch_add(1, Relaxed);
-        stats.flow(&web, dst).opened.fetch_add(1, Relaxed);
-        stats.flow(&web, dst).closed.fetch_add(1, Relaxed);
-        stats.flow(&web, dst).bytes_sent.fetch_add(10, Relaxed);
-        stats.flow(&db, dst).failed.fetch_add(1, Relaxed);
+        stats
+            .flow(&web, dst, Transport::Mtls)
+            .opened
+            .fetch_add(1, Relaxed);
+        stats
+            .flow(&web, dst, Transport::Mtls)
+            .opened
+            .fetch_add(1, Relaxed);
+        stats
+            .flow(&web, dst, Transport::Mtls)
+            .closed
+            .fetch_add(1, Relaxed);
+        stats
+            .flow(&web, dst, Transport::Mtls)
+            .bytes_sent
+            .fetch_add(10, Relaxed);
+        stats
+            .flow(&db, dst, Transport::Plaintext)
+            .failed
+            .fetch_add(1, Relaxed);
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.len(), 2);
         let web_flow = snapshot.iter().find(|f| f.source_pod == web).unwrap();

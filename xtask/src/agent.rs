@@ -29,9 +29,10 @@ pub fn config_yaml(node: &Node, enrolled: &[&Pod], extra_agent_settings: &str) -
     );
     for pod in enrolled {
         yaml.push_str(&format!(
-            "  - name: {}\n    namespace: lab\n    netns: {}\n",
+            "  - name: {}\n    namespace: lab\n    netns: {}\n    ip: {}\n",
             pod.name,
-            pod.netns_path().display()
+            pod.netns_path().display(),
+            pod.ip
         ));
     }
     yaml

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bench;
 pub mod lab;
+pub mod pki;
 pub mod setup;
 
 use std::{path::PathBuf, process::Command};

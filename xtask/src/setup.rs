@@ -19,6 +19,9 @@ const LAB_PACKAGES: &[&str] = &[
     "bpftool",
     "iperf3",
     "procps",
+    // The benchmark's HAProxy mTLS baseline; the lab tests capture wire traffic with tcpdump.
+    "haproxy",
+    "tcpdump",
 ];
 
 pub fn ensure() -> Result<()> {

@@ -11,6 +11,8 @@ pub mod maps {
     pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
     pub const SETTINGS: &str = "SETTINGS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const DELIVERIES: &str = "DELIVERIES";
 }
 
 /// Capacity of the original-destination maps: the most redirected connections that can be in
@@ -26,9 +28,12 @@ pub const MAX_EXCLUDED_CIDRS: u32 = 1_024;
 pub struct Settings {
     /// `SO_MARK` the agent puts on its own sockets; those are never redirected.
     pub agent_mark: u32,
+    /// `SO_MARK` of the agent's sockets delivering inbound traffic to an app; never redirected.
+    pub delivery_mark: u32,
     /// Port of the agent's outbound listener on 127.0.0.1 inside every enrolled pod (host order).
     pub outbound_port: u16,
-    pub _pad: u16,
+    /// Port of the agent's mTLS tunnel listener in every enrolled pod: never steered (host order).
+    pub inbound_port: u16,
 }
 
 /// Where a redirected connection was going. `ip` is in network byte order as the kernel stores it,
@@ -53,6 +58,17 @@ pub struct ClientKey {
     pub _pad: u16,
 }
 
+/// The source end of a connection the agent is opening to an app inside a pod, from the client's
+/// address (network order) and a port (host order). Such connections must reach the app, not be
+/// steered back to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,16 +85,19 @@ pub enum Counter {
     TrackingFull = 4,
     /// IPv6 (not v4-mapped) connects from enrolled pods, passed through untouched.
     Ipv6Passthrough = 5,
+    /// Connections arriving at an enrolled pod from outside the mesh, steered to the agent.
+    InboundSteered = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Redirected,
         Counter::NotEnrolled,
         Counter::Excluded,
         Counter::AgentSocket,
         Counter::TrackingFull,
         Counter::Ipv6Passthrough,
+        Counter::InboundSteered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -89,6 +108,7 @@ impl Counter {
             Counter::AgentSocket => "agent_socket",
             Counter::TrackingFull => "tracking_full",
             Counter::Ipv6Passthrough => "ipv6_passthrough",
+            Counter::InboundSteered => "inbound_steered",
         }
     }
 }
@@ -101,4 +121,5 @@ mod user {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }

@@ -8,6 +8,10 @@
 //!   it is deleted when the client socket reaches TCP_CLOSE.
 //! * `weft_sock_release` (cgroup/sock_release): drops the cookie record of sockets closed before
 //!   they ever connected, so no map only grows.
+//! * `weft_inbound` (sk_lookup, attached to each enrolled pod's network namespace): a TCP
+//!   connection arriving from outside the pod for any port but the tunnel port is handed to the
+//!   agent's plaintext listener in that pod; the accepted socket's local address is the original
+//!   destination.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -19,13 +23,13 @@ mod programs {
             BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         },
         helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-        macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
-        maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
-        programs::{SockAddrContext, SockContext, SockOpsContext},
+        macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
+        maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, SockHash},
+        programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
         EbpfContext,
     };
     use weft_common::{
-        ClientKey, Counter, OrigDst, Settings, COUNTER_SLOTS, MAX_ENROLLED_PODS,
+        ClientKey, Counter, DeliveryKey, OrigDst, Settings, COUNTER_SLOTS, MAX_ENROLLED_PODS,
         MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_TRACKED_CONNECTIONS,
     };
 
@@ -34,6 +38,7 @@ mod programs {
     const SOCK_STREAM: u32 = 1;
     const IPPROTO_TCP: u32 = 6;
     const ALLOW: i32 = 1;
+    const SK_PASS: u32 = 1;
     const LOOPBACK_AGENT_IP: u32 = u32::from_be_bytes([127, 0, 0, 1]).to_be();
     const V4_MAPPED_MARKER: u32 = 0x0000_ffff_u32.to_be();
 
@@ -69,6 +74,16 @@ mod programs {
 
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+    /// The agent's plaintext inbound listener of each enrolled pod, keyed by the pod's IPv4
+    /// address (network order): the destination address is what an arriving connection carries.
+    #[map]
+    static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_ENROLLED_PODS, 0);
+
+    /// Connections the agent is opening to apps, present from bind until connected.
+    #[map]
+    static DELIVERIES: HashMap<DeliveryKey, u8> =
+        HashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, BPF_F_NO_PREALLOC);
 
     #[inline(always)]
     fn count(counter: Counter) {
@@ -115,7 +130,7 @@ mod programs {
         // 0.0.0.0/8 connects are local on Linux, like 127/8. Sockets bound to a device (VRF,
         // SO_BINDTODEVICE) could not reach the agent's loopback listener.
         let local = first_octet == 127 || first_octet == 0;
-        let skip = if mark == settings.agent_mark {
+        let skip = if mark == settings.agent_mark || mark == settings.delivery_mark {
             Some(Counter::AgentSocket)
         } else if local
             || bound_dev_if != 0
@@ -240,6 +255,51 @@ mod programs {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let _ = ORIG_DST_BY_COOKIE.remove(cookie);
         ALLOW
+    }
+
+    #[sk_lookup]
+    pub fn weft_inbound(ctx: SkLookupContext) -> u32 {
+        let lookup = ctx.lookup;
+        let (family, protocol, remote_ip, remote_port, local_ip, local_port) = unsafe {
+            (
+                core::ptr::read_volatile(&(*lookup).family),
+                core::ptr::read_volatile(&(*lookup).protocol),
+                core::ptr::read_volatile(&(*lookup).remote_ip4),
+                core::ptr::read_volatile(&(*lookup).remote_port),
+                core::ptr::read_volatile(&(*lookup).local_ip4),
+                core::ptr::read_volatile(&(*lookup).local_port),
+            )
+        };
+        if family != AF_INET || protocol != IPPROTO_TCP {
+            return SK_PASS;
+        }
+        // The pod calling its own address (its source is then that address). The ingress
+        // interface cannot tell: local traffic reports the device owning the address.
+        if remote_ip == local_ip {
+            return SK_PASS;
+        }
+        let delivery = DeliveryKey {
+            ip: remote_ip,
+            port: u16::from_be(remote_port),
+            _pad: 0,
+        };
+        if unsafe { DELIVERIES.get(delivery) }.is_some() {
+            return SK_PASS;
+        }
+        let Some(settings) = SETTINGS.get(0) else {
+            return SK_PASS;
+        };
+        if local_port == u32::from(settings.inbound_port) {
+            return SK_PASS;
+        }
+        // No listener for this address (not a pod IP the agent serves): normal lookup.
+        if INBOUND_LISTENERS
+            .redirect_sk_lookup(&ctx, local_ip, 0)
+            .is_ok()
+        {
+            count(Counter::InboundSteered);
+        }
+        SK_PASS
     }
 
     #[panic_handler]

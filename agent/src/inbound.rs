@@ -1,0 +1,395 @@
+//! The destination side: connections arriving at an enrolled pod, either as mTLS tunnel streams on
+//! port 15008 or as plaintext steered here by the `sk_lookup` program, are checked (identity,
+//! STRICT/PERMISSIVE, authorization) and delivered to the app from inside the pod.
+use std::{
+    convert::Infallible,
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{
+    body::Bytes, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{InboundMode, PodId},
+    identity::{peer_identity, Identity},
+    policy::{Decision, Request as PolicyRequest},
+    proxy::{copy_metered, PodProxy, ProxyContext},
+    state::{MeshState, Workload},
+    stats::InboundCounters,
+    tunnel::{CONNECTION_WINDOW_BYTES, FORWARDED, STREAM_WINDOW_BYTES},
+};
+
+/// A client that opens TCP but never finishes its TLS hello must not hold a task forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Far above what 1,000 concurrent connections between two identities need.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
+/// Tunnel requests carry a few short headers; anything larger is not ours.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// Accepts tunnel connections on a pod's 15008 listener until `stop` is cancelled.
+pub async fn run_tunnel_listener(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    pod: Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (tls, ctx, pod) = (tls.clone(), Arc::clone(&ctx), Arc::clone(&pod));
+                ctx.connections.clone().spawn(async move {
+                    serve_tunnel_connection(&ctx, &pod, tls, stream, peer).await;
+                });
+            }
+            Err(err) => {
+                warn!(pod = %pod.id, error = %err, "tunnel accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    debug!(pod = %pod.id, "tunnel listener closed");
+}
+
+async fn serve_tunnel_connection(
+    ctx: &Arc<ProxyContext>,
+    pod: &PodProxy,
+    tls: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let counters = &ctx.stats.tunnels;
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await;
+    let tls_stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            counters.rejected_handshakes.fetch_add(1, Relaxed);
+            warn!(pod = %pod.id, %peer, error = %err, "tunnel handshake rejected");
+            return;
+        }
+        Err(_) => {
+            counters.rejected_handshakes.fetch_add(1, Relaxed);
+            warn!(pod = %pod.id, %peer, "tunnel handshake timed out");
+            return;
+        }
+    };
+    let client = match tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or_else(|| anyhow::anyhow!("no client certificate"))
+        .and_then(peer_identity)
+    {
+        Ok(identity) => identity,
+        Err(err) => {
+            counters.rejected_handshakes.fetch_add(1, Relaxed);
+            warn!(pod = %pod.id, %peer, error = format!("{err:#}"), "tunnel client identity unreadable");
+            return;
+        }
+    };
+    counters.server_handshakes.fetch_add(1, Relaxed);
+    debug!(pod = %pod.id, %peer, %client, "tunnel connection accepted");
+    let client = Arc::new(client);
+    let service = {
+        let ctx = Arc::clone(ctx);
+        service_fn(move |request| {
+            let (ctx, client) = (Arc::clone(&ctx), Arc::clone(&client));
+            async move { Ok::<_, Infallible>(open_stream(ctx, &client, peer, request).await) }
+        })
+    };
+    let served = http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .serve_connection(TokioIo::new(tls_stream), service)
+        .await;
+    if let Err(err) = served {
+        counters.connection_errors.fetch_add(1, Relaxed);
+        warn!(pod = %pod.id, %peer, error = %err, "tunnel connection closed on a protocol error");
+    }
+}
+
+/// Handles one CONNECT stream: checks it, connects to the app, answers 200 and then splices the
+/// stream to the app in a task of its own.
+async fn open_stream(
+    ctx: Arc<ProxyContext>,
+    client: &Identity,
+    peer: SocketAddr,
+    request: Request<hyper::body::Incoming>,
+) -> Response<Empty<Bytes>> {
+    let state = ctx.state.get();
+    let (workload, target, source) = match check_stream(&ctx, &state, client, &request) {
+        Ok(checked) => checked,
+        Err((status, reason)) => {
+            ctx.stats.tunnels.rejected_streams.fetch_add(1, Relaxed);
+            warn!(%client, %peer, authority = ?request.uri().authority().map(|a| a.as_str()), reason, "tunnel stream rejected");
+            return status_response(status);
+        }
+    };
+    let counters = ctx.stats.inbound(&workload.id);
+    if let Decision::Deny { policy } = state.policies.evaluate(&PolicyRequest {
+        source_principal: Some(&client.to_string()),
+        source_namespace: Some(client.namespace()),
+        destination_namespace: &workload.namespace,
+        destination_labels: &workload.labels,
+        destination_port: target.port(),
+    }) {
+        counters.denied.fetch_add(1, Relaxed);
+        warn!(source = %client, destination = %workload.identity, pod = %workload.id, port = target.port(), policy, "connection denied by policy");
+        return status_response(StatusCode::FORBIDDEN);
+    }
+    let Some(pod) = ctx.local_pod(target.ip()) else {
+        ctx.stats.tunnels.rejected_streams.fetch_add(1, Relaxed);
+        warn!(%client, %target, "tunnel stream for a workload that is not enrolled here");
+        return status_response(StatusCode::NOT_FOUND);
+    };
+    let app = match deliver(&ctx, &pod, source, target).await {
+        Ok(app) => app,
+        Err(err) => {
+            counters.failed.fetch_add(1, Relaxed);
+            info!(pod = %workload.id, %target, %client, error = %err, "cannot reach the app");
+            return status_response(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    counters.mtls.fetch_add(1, Relaxed);
+    let upgrade = hyper::upgrade::on(request);
+    ctx.connections.clone().spawn(async move {
+        match upgrade.await {
+            // Dropping a failed stream resets it (RST_STREAM) rather than ending it cleanly.
+            Ok(upgraded) => {
+                splice(
+                    &ctx,
+                    &counters,
+                    &mut TokioIo::new(upgraded),
+                    app,
+                    &workload.id,
+                )
+                .await;
+            }
+            Err(err) => {
+                debug!(pod = %workload.id, error = %err, "tunnel stream closed before it opened")
+            }
+        }
+    });
+    Response::new(Empty::new())
+}
+
+type Rejection = (StatusCode, &'static str);
+
+/// The stream's target workload, address and the source address to deliver from.
+fn check_stream(
+    ctx: &ProxyContext,
+    state: &MeshState,
+    client: &Identity,
+    request: &Request<hyper::body::Incoming>,
+) -> Result<(Arc<Workload>, SocketAddrV4, Option<SocketAddrV4>), Rejection> {
+    if request.method() != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "not a CONNECT request"));
+    }
+    let target: SocketAddrV4 = request
+        .uri()
+        .authority()
+        .and_then(|authority| authority.as_str().parse().ok())
+        .ok_or((
+            StatusCode::BAD_REQUEST,
+            "the authority is not an IPv4 address and port",
+        ))?;
+    let workload = state.local_workload(*target.ip()).ok_or((
+        StatusCode::NOT_FOUND,
+        "the target is not a workload on this node",
+    ))?;
+    if target.port() == ctx.tunnel_port {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "the target is the tunnel port itself",
+        ));
+    }
+    let source = match request.headers().get(FORWARDED) {
+        None => None,
+        Some(value) => {
+            let ip = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("for="))
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                .ok_or((StatusCode::BAD_REQUEST, "malformed forwarded header"))?;
+            // A peer may only speak for addresses of its own identity.
+            match state.workload(ip) {
+                Some(source) if &source.identity == client => Some(SocketAddrV4::new(ip, 0)),
+                _ => {
+                    return Err((
+                        StatusCode::FORBIDDEN,
+                        "the forwarded address is not a workload of the client's identity",
+                    ))
+                }
+            }
+        }
+    };
+    Ok((Arc::clone(workload), target, source))
+}
+
+fn status_response(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = status;
+    response
+}
+
+/// Accepts plaintext connections the `sk_lookup` program steered to a pod's listener.
+pub async fn run_plaintext_listener(
+    listener: TcpListener,
+    pod: Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
+                ctx.connections.clone().spawn(async move {
+                    serve_plaintext(&ctx, &pod, stream, peer).await;
+                });
+            }
+            Err(err) => {
+                warn!(pod = %pod.id, error = %err, "plaintext accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    debug!(pod = %pod.id, "plaintext listener closed");
+}
+
+async fn serve_plaintext(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream, peer: SocketAddr) {
+    // The steered socket's local address is where the client was going.
+    let (Ok(SocketAddr::V4(target)), SocketAddr::V4(peer)) = (client.local_addr(), peer) else {
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let state = ctx.state.get();
+    let Some(workload) = state.local_workload(*target.ip()).cloned() else {
+        warn!(pod = %pod.id, %target, "plaintext connection for an address that is not a local workload; resetting");
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let counters = ctx.stats.inbound(&workload.id);
+    if workload.inbound_mode == InboundMode::Strict {
+        counters.plaintext_rejected.fetch_add(1, Relaxed);
+        info!(pod = %workload.id, client = %peer, port = target.port(), "plaintext connection rejected (STRICT)");
+        let _ = client.set_zero_linger();
+        return;
+    }
+    if let Decision::Deny { policy } = state.policies.evaluate(&PolicyRequest {
+        source_principal: None,
+        source_namespace: None,
+        destination_namespace: &workload.namespace,
+        destination_labels: &workload.labels,
+        destination_port: target.port(),
+    }) {
+        counters.denied.fetch_add(1, Relaxed);
+        warn!(source = "plaintext", client = %peer, destination = %workload.identity, pod = %workload.id, port = target.port(), policy, "connection denied by policy");
+        let _ = client.set_zero_linger();
+        return;
+    }
+    let app = match deliver(ctx, pod, Some(peer), target).await {
+        Ok(app) => app,
+        Err(err) => {
+            counters.failed.fetch_add(1, Relaxed);
+            info!(pod = %workload.id, %target, client = %peer, error = %err, "cannot reach the app");
+            let _ = client.set_zero_linger();
+            return;
+        }
+    };
+    counters.plaintext.fetch_add(1, Relaxed);
+    let mut client = client;
+    if !splice(ctx, &counters, &mut client, app, &workload.id).await {
+        let _ = client.set_zero_linger();
+    }
+}
+
+/// Connects to the app from inside its pod, from the client's address when the pod's routing
+/// allows it, else from the pod's own (logged once per agent).
+async fn deliver(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    source: Option<SocketAddrV4>,
+    target: SocketAddrV4,
+) -> io::Result<TcpStream> {
+    static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+    let transparent = source.filter(|_| pod.transparent_delivery);
+    if source.is_some() && transparent.is_none() && !FALLBACK_LOGGED.swap(true, Relaxed) {
+        warn!(pod = %pod.id, "apps see the pod's own address instead of the client's: transparent delivery is not available (see the README)");
+    }
+    let socket = pod
+        .netns
+        .delivery_socket(ctx.delivery_mark, transparent)
+        .await?;
+    let bound = match (transparent, socket.local_addr()?) {
+        (Some(_), SocketAddr::V4(bound)) => {
+            ctx.datapath
+                .begin_delivery(bound)
+                .map_err(|err| io::Error::other(format!("{err:#}")))?;
+            Some(bound)
+        }
+        _ => None,
+    };
+    let connected = tokio::time::timeout(ctx.connect_timeout, socket.connect(target.into()))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+        .and_then(|connected| connected);
+    if let Some(bound) = bound {
+        ctx.datapath.end_delivery(bound);
+    }
+    connected
+}
+
+/// Relays between the client side and the app; false when it ended with an error, after which
+/// the app connection has been reset and the caller resets the client side.
+async fn splice<C: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &ProxyContext,
+    counters: &InboundCounters,
+    client: &mut C,
+    mut app: TcpStream,
+    pod: &PodId,
+) -> bool {
+    let result = copy_metered(
+        ctx,
+        client,
+        &mut app,
+        &counters.bytes_to_app,
+        &counters.bytes_from_app,
+    )
+    .await;
+    match result {
+        Ok(_) => true,
+        Err(err) => {
+            debug!(%pod, error = %err, "inbound connection ended with an error");
+            let _ = app.set_zero_linger();
+            false
+        }
+    }
+}

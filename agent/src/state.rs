@@ -1,0 +1,98 @@
+//! What the agent knows about the mesh, rebuilt from each accepted config: every meshed workload
+//! by IP (local pods and peers on other nodes) with its identity and node, and the authorization
+//! policies. Connection handlers take a snapshot; a reload swaps it whole.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::{Arc, RwLock},
+};
+
+use crate::{
+    config::{Config, InboundMode, PodId},
+    identity::Identity,
+    policy::PolicySet,
+};
+
+#[derive(Debug)]
+pub struct Workload {
+    pub id: PodId,
+    pub namespace: String,
+    pub ip: Ipv4Addr,
+    pub identity: Identity,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub inbound_mode: InboundMode,
+}
+
+pub struct MeshState {
+    pub node_name: String,
+    workloads: HashMap<Ipv4Addr, Arc<Workload>>,
+    pub policies: PolicySet,
+}
+
+impl MeshState {
+    /// Without an identity section there is no mesh: no workload is known, all traffic is L4.
+    pub fn from_config(config: &Config) -> Self {
+        let node_name = config.agent.node_name.clone();
+        let mut workloads = HashMap::new();
+        if let Some(identity) = &config.identity {
+            let td = &identity.trust_domain;
+            for pod in &config.pods {
+                let workload = Workload {
+                    id: pod.id(),
+                    namespace: pod.namespace.clone(),
+                    ip: pod.ip,
+                    identity: Identity::new(td, &pod.namespace, &pod.service_account),
+                    node: node_name.clone(),
+                    labels: pod.labels.clone(),
+                    inbound_mode: pod.inbound_mode,
+                };
+                workloads.insert(pod.ip, Arc::new(workload));
+            }
+            for peer in &config.peers {
+                let workload = Workload {
+                    id: PodId::new(&peer.namespace, &peer.name),
+                    namespace: peer.namespace.clone(),
+                    ip: peer.ip,
+                    identity: Identity::new(td, &peer.namespace, &peer.service_account),
+                    node: peer.node.clone(),
+                    labels: BTreeMap::new(),
+                    inbound_mode: InboundMode::default(),
+                };
+                workloads.insert(peer.ip, Arc::new(workload));
+            }
+        }
+        Self {
+            node_name,
+            workloads,
+            policies: PolicySet::new(&config.policies),
+        }
+    }
+
+    /// The meshed workload at `ip`, on any node.
+    pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+        self.workloads.get(&ip)
+    }
+
+    /// The meshed workload at `ip` if it runs on this node.
+    pub fn local_workload(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+        self.workload(ip).filter(|w| w.node == self.node_name)
+    }
+}
+
+/// The current [`MeshState`], replaced whole on reload.
+pub struct SharedState(RwLock<Arc<MeshState>>);
+
+impl SharedState {
+    pub fn new(state: MeshState) -> Self {
+        Self(RwLock::new(Arc::new(state)))
+    }
+
+    pub fn get(&self) -> Arc<MeshState> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn replace(&self, state: MeshState) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+    }
+}
