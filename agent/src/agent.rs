@@ -160,6 +160,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
                 ctx.state.replace(MeshState::from_config(&new));
                 enrollment.apply(&new).await;
                 config = new;
+                info!("configuration reloaded");
             }
             Ok(None) => {}
             Err(err) => error!(

@@ -13,6 +13,8 @@ use serde_json::Value;
 use crate::lab::{write_atomically, Lab, Node, Pod};
 
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// What the agent logs once it has applied a changed config.
+const RELOADED: &str = "configuration reloaded";
 
 /// The weft binary under test: $WEFT_BIN, else the workspace's release build.
 pub fn weft_binary() -> PathBuf {
@@ -37,6 +39,121 @@ pub fn config_yaml(node: &Node, enrolled: &[&Pod], extra_agent_settings: &str) -
     }
     yaml
 }
+
+/// A lab pod as a meshed workload.
+#[derive(Clone, Debug)]
+pub struct MeshWorkload {
+    pub pod: Pod,
+    /// Name of the node the pod runs on.
+    pub node: String,
+    pub service_account: String,
+    /// `STRICT` or `PERMISSIVE`.
+    pub inbound_mode: &'static str,
+    /// Labels as a YAML flow mapping, e.g. `{app: web}`.
+    pub labels: &'static str,
+}
+
+/// What every agent of a meshed lab is told: the CA, the workloads on all nodes, the policies.
+#[derive(Clone, Debug)]
+pub struct Mesh {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// Extra lines of the `identity:` section, e.g. `  cert_lifetime_s: 4\n`.
+    pub identity_extra: String,
+    pub workloads: Vec<MeshWorkload>,
+    /// The `policies:` list as YAML items (`  - metadata: ...`), or empty.
+    pub policies: String,
+}
+
+impl Mesh {
+    /// Every pod of `lab` as a workload with service account `sa-<pod>`, PERMISSIVE, no labels.
+    pub fn new(lab: &Lab, ca_cert: PathBuf, ca_key: PathBuf) -> Self {
+        let workloads = lab
+            .nodes
+            .iter()
+            .flat_map(|node| {
+                node.pods.iter().map(|pod| MeshWorkload {
+                    pod: pod.clone(),
+                    node: node.name.clone(),
+                    service_account: format!("sa-{}", pod.name),
+                    inbound_mode: "PERMISSIVE",
+                    labels: "{}",
+                })
+            })
+            .collect();
+        Self {
+            ca_cert,
+            ca_key,
+            identity_extra: String::new(),
+            workloads,
+            policies: String::new(),
+        }
+    }
+
+    pub fn workload_mut(&mut self, pod: &str) -> Result<&mut MeshWorkload> {
+        self.workloads
+            .iter_mut()
+            .find(|w| w.pod.name == pod)
+            .with_context(|| format!("no workload {pod} in the mesh"))
+    }
+
+    /// The config of `node`'s agent: `enrolled` of its pods, every other node's workloads as
+    /// peers. Workloads of this node that are not enrolled are not meshed.
+    pub fn config_yaml(&self, node: &Node, enrolled: &[&Pod]) -> String {
+        let pods: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|w| w.node == node.name && enrolled.iter().any(|p| p.name == w.pod.name))
+            .map(|w| {
+                format!(
+                    "  - {{name: {}, namespace: lab, netns: {}, ip: {}, service_account: {}, inbound_mode: {}, labels: {}}}\n",
+                    w.pod.name,
+                    w.pod.netns_path().display(),
+                    w.pod.ip,
+                    w.service_account,
+                    w.inbound_mode,
+                    w.labels
+                )
+            })
+            .collect();
+        let peers: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|w| w.node != node.name)
+            .map(|w| {
+                format!(
+                    "  - {{name: {}, namespace: lab, ip: {}, service_account: {}, node: {}}}\n",
+                    w.pod.name, w.pod.ip, w.service_account, w.node
+                )
+            })
+            .collect();
+        format!(
+            "agent:\n  cgroup_path: {}\n  admin_addr: {ADMIN_ADDR}\n  drain_timeout_ms: 3000\n  node_name: {}\n\
+             identity:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n{}\
+             pods:{}\npeers:{}\npolicies:{}\n",
+            node.pods_cgroup.display(),
+            node.name,
+            self.ca_cert.display(),
+            self.ca_key.display(),
+            self.identity_extra,
+            yaml_list(&pods.concat()),
+            yaml_list(&peers.concat()),
+            yaml_list(&self.policies),
+        )
+    }
+}
+
+/// A block list after its key: a YAML key with nothing under it would be null, not empty.
+fn yaml_list(items: &str) -> String {
+    if items.is_empty() {
+        " []".to_owned()
+    } else {
+        format!("\n{}", items.trim_end_matches('\n'))
+    }
+}
+
+/// The trust domain of lab meshes.
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 pub struct Agent {
     pub node: Node,
@@ -103,6 +220,25 @@ impl Agent {
     /// Rewrites the config with `enrolled` pods and waits until exactly those are enrolled.
     pub fn set_enrolled(&mut self, enrolled: &[&Pod]) -> Result<()> {
         write_atomically(&self.config_path, &config_yaml(&self.node, enrolled, ""))?;
+        self.wait_enrolled(enrolled)
+    }
+
+    /// Rewrites the config with `yaml` and waits until the agent has applied it and exactly
+    /// `enrolled` are enrolled.
+    pub fn rewrite_config(&mut self, yaml: &str, enrolled: &[&Pod]) -> Result<()> {
+        let reloads = |agent: &Self| agent.log().matches(RELOADED).count();
+        let before = reloads(self);
+        write_atomically(&self.config_path, yaml)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(self) == before {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent on node {} did not reload its config",
+                    self.node.name
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
         self.wait_enrolled(enrolled)
     }
 

@@ -582,10 +582,10 @@ fn pod_gateway(pod: &Pod) -> Ipv4Addr {
 
 /// Starts HAProxy on `server_node` (mutual TLS in, plain TCP to `server`'s echo and iperf3 ports)
 /// and on `client_node` (plain TCP in on `gateway`, the client pods' gateway address, the same
-/// ports; mutual TLS out). Both are as a fair opponent would configure them: TCP mode, TLS 1.3 only, both sides
-/// verify the peer's chain against the mesh CA and the client checks the server's name, logs off,
-/// `nbthread` as the agent's worker threads, everything else HAProxy's defaults (TLS session
-/// resumption included).
+/// ports; mutual TLS out). Both are as a fair opponent would configure them: TCP mode, TLS 1.3
+/// only, both sides verify the peer's chain against the mesh CA and the client checks the
+/// server's name, logs off, `nbthread` as the agent's worker threads, everything else HAProxy's
+/// defaults (TLS session resumption included).
 fn start_haproxy_pair(
     lab: &Lab,
     ca: &TestCa,
@@ -644,10 +644,12 @@ fn start_haproxy_pair(
 }
 
 fn haproxy_global() -> String {
-    // No `log` lines: logging is off, as it is for the agents at the default level.
+    // No `log` lines: logging is off, as it is for the agents at the default level. maxconn
+    // 8000 needs ~16,000 file descriptors (two per connection; HAProxy refuses to start above
+    // the hard limit, 20,000 on the development VM) and is far above the concurrency used here.
     format!(
-        "global\n    nbthread {HAPROXY_THREADS}\n    maxconn 50000\n\
-         defaults\n    mode tcp\n    maxconn 50000\n    timeout connect 5s\n    \
+        "global\n    nbthread {HAPROXY_THREADS}\n    maxconn 8000\n\
+         defaults\n    mode tcp\n    maxconn 8000\n    timeout connect 5s\n    \
          timeout client 60s\n    timeout server 60s\n"
     )
 }
@@ -1491,5 +1493,64 @@ async fn connect_worker(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+
+    /// An echo server on an ephemeral loopback port, served by the current runtime.
+    async fn local_echo(size: usize) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve_echo(stream, size));
+            }
+        });
+        addr
+    }
+
+    fn parse(args: &str) -> LoadMode {
+        Cli::try_parse_from(format!("load {args}").split_whitespace())
+            .unwrap()
+            .load
+            .mode
+    }
+
+    #[test]
+    fn both_load_modes_measure_an_echo_server() {
+        runtime().unwrap().block_on(async {
+            let target = local_echo(64).await;
+            let LoadMode::Latency(latency) = parse(&format!(
+                "latency --target {target} --size 64 --seconds 1 --rate 200 --connections 4"
+            )) else {
+                panic!("not the latency mode")
+            };
+            let report = drive_load(&latency).await.unwrap();
+            assert!(report.requests >= 150, "{report:?}");
+            assert!(report.p50_us > 0 && report.p50_us <= report.max_us);
+
+            let LoadMode::Connect(connect) = parse(&format!(
+                "connect --target {target} --size 64 --seconds 1 --workers 2"
+            )) else {
+                panic!("not the connect mode")
+            };
+            let report = drive_connects(&connect).await.unwrap();
+            assert!(report.completed > 0 && report.failed == 0, "{report:?}");
+            assert!(report.total >= report.completed);
+            assert_eq!(report.per_second, report.completed as f64);
+        });
+        assert!(Cli::try_parse_from(["load", "connect", "--target", "127.0.0.1:1"]).is_err());
     }
 }

@@ -123,6 +123,11 @@ impl Pod {
 }
 
 impl Node {
+    /// The node's port on the wire bridge, in the wire namespace: where its traffic is watched.
+    pub fn wire_port(&self) -> String {
+        format!("n{}", self.name)
+    }
+
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
         command_in(&self.netns, None, program)
     }
@@ -279,7 +284,7 @@ impl Lab {
         for node in &self.nodes {
             ip(&["netns", "add", &node.netns])?;
             ip_in(&node.netns, &["link", "set", "lo", "up"])?;
-            let port = format!("n{}", node.name);
+            let port = node.wire_port();
             ip(&[
                 "link",
                 "add",
@@ -408,6 +413,11 @@ impl Lab {
         remove_cgroup_tree(&cgroup_root)?;
         let _ = fs::remove_dir_all(PathBuf::from("/run/weft-lab").join(name));
         Ok(())
+    }
+
+    /// `program` run in the namespace of the bridge joining the nodes: where the wire is watched.
+    pub fn wire_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        command_in(&format!("{NETNS_PREFIX}{}-wire", self.name), None, program)
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
