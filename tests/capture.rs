@@ -349,7 +349,7 @@ fn bad_config_missing_netns_and_failing_upstreams_leave_everything_else_serving(
     let ghost_netns = format!("weftlab-{}-ghost", lab.name);
     let good = config_yaml(node, &[a1], "");
     let with_ghost = format!(
-        "{good}  - name: ghost\n    namespace: lab\n    netns: /var/run/netns/{ghost_netns}\n"
+        "{good}  - name: ghost\n    namespace: lab\n    netns: /var/run/netns/{ghost_netns}\n    ip: 10.201.9.9\n"
     );
     let mut agent = Agent::start_with(&lab, node, &with_ghost, &[a1])?;
 
