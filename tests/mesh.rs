@@ -154,11 +154,18 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 #[test]
 fn tunnels_carry_traffic_encrypted_and_apps_see_the_client() -> Result<()> {
     let (lab, _ca, mut mesh) = mesh_lab("mtls", 2)?;
-    let (a1, a2, b1) = (lab.pod("a1")?, lab.pod("a2")?, lab.pod("b1")?);
-    let _nginx = b1.start_nginx()?;
+    let (a1, a2, b1, b2) = (
+        lab.pod("a1")?,
+        lab.pod("a2")?,
+        lab.pod("b1")?,
+        lab.pod("b2")?,
+    );
+    let _nginx = (b1.start_nginx()?, b2.start_nginx()?);
     secret_page(b1, "RESPONSE-MARKER-7f3a")?;
-    // a2 stays out of the mesh: its plaintext request is the capture's positive control.
-    mesh.workloads.retain(|w| w.pod.name != "a2");
+    // a2 and b2 stay out of the mesh: a2's plaintext request is the capture's positive control,
+    // b2 a destination outside the mesh.
+    mesh.workloads
+        .retain(|w| w.pod.name != "a2" && w.pod.name != "b2");
     let (client_agent, server_agent) = start_agents(&lab, &mesh, &[a1, b1])?;
 
     let capture = Capture::start(&lab, lab.node("b")?)?;
@@ -171,6 +178,8 @@ fn tunnels_carry_traffic_encrypted_and_apps_see_the_client() -> Result<()> {
         &format!("http://{}/secret.html?q=PLAINTEXT-MARKER-44d0", b1.ip),
     )?;
     let wire = capture.stop()?;
+    // A meshed pod reaches a workload outside the mesh as plain TCP.
+    ensure!(fetch(a1, &format!("http://{}/", b2.ip))? == "hello from b2\n");
 
     ensure!(body == "RESPONSE-MARKER-7f3a\n", "body mangled: {body:?}");
     ensure!(plain == body, "plaintext client got {plain:?}");
@@ -210,6 +219,11 @@ fn tunnels_carry_traffic_encrypted_and_apps_see_the_client() -> Result<()> {
     let stats = client_agent.stats()?;
     let f = flow(&stats, a1, &format!("{}:80", b1.ip)).context("no flow a1 -> b1")?;
     ensure!(f["transport"] == "mtls" && f["closed"] == 1, "flow: {f}");
+    let f = flow(&stats, a1, &format!("{}:80", b2.ip)).context("no flow a1 -> b2")?;
+    ensure!(
+        f["transport"] == "plaintext" && f["closed"] == 1,
+        "flow: {f}"
+    );
     ensure!(
         tunnels(&stats, "client_handshakes") == 1,
         "{}",
@@ -222,6 +236,33 @@ fn tunnels_carry_traffic_encrypted_and_apps_see_the_client() -> Result<()> {
         "{}",
         stats["inbound"]
     );
+    Ok(())
+}
+
+#[test]
+fn a_missing_or_invalid_mesh_ca_stops_start_up() -> Result<()> {
+    let (lab, ca, mut mesh) = mesh_lab("badca", 1)?;
+    let node = lab.node("a")?;
+    let a1 = lab.pod("a1")?;
+    mesh.ca_cert = lab.dir.join("nowhere/ca.pem");
+    let err = Agent::start_with(&lab, node, &mesh.config_yaml(node, &[a1]), &[a1])
+        .err()
+        .context("the agent started without its CA")?;
+    ensure!(format!("{err:#}").contains("nowhere/ca.pem"), "{err:#}");
+    // A workload certificate is not a CA.
+    let now = OffsetDateTime::now_utc();
+    let (leaf_cert, leaf_key) = leaf(
+        &ca,
+        &lab.dir.join("leaf"),
+        &identity(a1),
+        now,
+        now + time::Duration::hours(1),
+    )?;
+    (mesh.ca_cert, mesh.ca_key) = (leaf_cert, leaf_key);
+    let err = Agent::start_with(&lab, node, &mesh.config_yaml(node, &[a1]), &[a1])
+        .err()
+        .context("the agent started with a leaf as its CA")?;
+    ensure!(format!("{err:#}").contains("not a CA"), "{err:#}");
     Ok(())
 }
 

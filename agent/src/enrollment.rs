@@ -145,6 +145,9 @@ impl Enrollment {
                 .filter_map(|pod| pod.identity.clone())
                 .collect();
             certs.retain(&held);
+            if let Some(tunnels) = &self.ctx.tunnels {
+                tunnels.retain_sources(&held);
+            }
         }
     }
 

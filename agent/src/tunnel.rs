@@ -82,6 +82,12 @@ impl TunnelPool {
         }
     }
 
+    /// Closes the pooled connections of source identities no longer on this node (their open
+    /// streams finish first).
+    pub fn retain_sources(&self, keep: &std::collections::HashSet<Identity>) {
+        lock(&self.slots).retain(|key, _| keep.contains(&key.source));
+    }
+
     /// Opens a stream from `source` (a pod at `client_ip`) to `target` on `destination`.
     pub async fn open_stream(
         &self,
