@@ -432,4 +432,54 @@ mod tests {
         let text = format!("agent:\n  exclude_ports: [{}]\n", many_ports.join(","));
         assert!(error_of(&text).contains("at most 1024 ports"));
     }
+
+    #[test]
+    fn the_deploy_example_parses_with_identities_peers_and_policies() {
+        let config = Config::parse(include_str!("../../deploy/config.example.yaml")).unwrap();
+        let identity = config.identity.unwrap();
+        assert_eq!(identity.cert_lifetime(), Duration::from_secs(86_400));
+        assert_eq!(identity.renew_fraction, 0.5);
+        assert_eq!(config.pods[1].inbound_mode, InboundMode::Strict);
+        assert_eq!(config.pods[0].inbound_mode, InboundMode::Permissive);
+        assert_eq!(config.pods[0].labels["app"], "web");
+        assert_eq!(config.peers[0].node, "node-2");
+        assert_eq!(config.policies.len(), 1);
+    }
+
+    #[test]
+    fn mesh_settings_are_validated() {
+        let identity = "identity:\n  trust_domain: cluster.local\n  ca_cert: /c\n  ca_key: /k\n";
+        let pod = "pods:\n  - {name: web, netns: /x, ip: 10.0.0.1}\n";
+        assert!(Config::parse(&format!("{identity}{pod}")).is_ok());
+        let err =
+            error_of("identity:\n  trust_domain: Not A Domain\n  ca_cert: /c\n  ca_key: /k\n");
+        assert!(err.contains("trust_domain"), "{err}");
+        let err = error_of(&format!("{identity}  cert_lifetime_s: 0\n"));
+        assert!(err.contains("cert_lifetime_s"), "{err}");
+        let err = error_of(&format!("{identity}  renew_fraction: 1.5\n"));
+        assert!(err.contains("renew_fraction"), "{err}");
+        let err = error_of(&format!(
+            "{pod}peers:\n  - {{name: db, ip: 10.0.0.1, node: n2}}\n"
+        ));
+        assert!(
+            err.contains("peers[0]") && err.contains("already used"),
+            "{err}"
+        );
+        let err =
+            error_of("agent:\n  node_name: n1\npeers:\n  - {name: db, ip: 10.0.0.2, node: n1}\n");
+        assert!(err.contains("is this node"), "{err}");
+        let err = error_of("agent:\n  inbound_port: 15001\n");
+        assert!(err.contains("must differ"), "{err}");
+        let err = error_of("agent:\n  delivery_mark: 0x5746\n");
+        assert!(err.contains("delivery_mark"), "{err}");
+        let err =
+            error_of("pods:\n  - {name: web, netns: /x, ip: 10.0.0.1, inbound_mode: LOOSE}\n");
+        assert!(err.contains("LOOSE"), "{err}");
+        let err = error_of("pods:\n  - {name: web, netns: /x}\n");
+        assert!(err.contains("missing field `ip`"), "{err}");
+        let err = error_of(
+            "policies:\n  - metadata: {name: p, namespace: Bad_NS}\n    spec: {action: DENY}\n",
+        );
+        assert!(err.contains("policies[0]"), "{err}");
+    }
 }
