@@ -3,9 +3,10 @@ use std::{process::Command, time::Duration};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use xtask::{
-    agent::{weft_binary, Agent},
+    agent::{weft_binary, Agent, Mesh},
     bench::{self, BenchArgs, EchoArgs, LoadArgs},
-    lab::{Lab, LabSpec, DEFAULT_NAME},
+    lab::{Lab, LabSpec, Pod, DEFAULT_NAME},
+    pki::TestCa,
     require_root, run, setup, workspace_root,
 };
 
@@ -162,41 +163,55 @@ fn demo(keep: bool) -> Result<()> {
     outcome
 }
 
-/// Runs the demo; returns the agent and nginx, still running.
-fn run_demo(lab: &Lab) -> Result<(Agent, std::process::Child)> {
+/// Runs the demo; returns the agents and nginx, still running.
+fn run_demo(lab: &Lab) -> Result<((Agent, Agent), std::process::Child)> {
     let (a1, a2, b1) = (lab.pod("a1")?, lab.pod("a2")?, lab.pod("b1")?);
     let nginx = b1.start_nginx()?;
     println!(
         "lab: node a ({}) pods a1 {} a2 {}; node b ({}) pod b1 {} runs nginx",
         lab.nodes[0].ip, a1.ip, a2.ip, lab.nodes[1].ip, b1.ip
     );
-    let agent = Agent::start(lab, lab.node("a")?, &[a1])?;
-    println!("weft runs on node a with pod a1 enrolled; a2 is not enrolled\n");
+    let ca = TestCa::new("weft demo mesh CA")?;
+    let (ca_cert, ca_key) = ca.write(&lab.dir.join("ca"))?;
+    let mut mesh = Mesh::new(lab, ca_cert, ca_key);
+    mesh.workloads.retain(|w| w.pod.name != "a2");
+    mesh.workload_mut("b1")?.inbound_mode = "STRICT";
+    let start = |node: &str, pods: &[&Pod]| -> Result<Agent> {
+        let node = lab.node(node)?;
+        Agent::start_with(lab, node, &mesh.config_yaml(node, pods), pods)
+    };
+    let agents = (start("a", &[a1])?, start("b", &[b1])?);
+    println!(
+        "weft runs on both nodes: a1 (identity sa-a1) and b1 (sa-b1, STRICT) are meshed, a2 is not\n"
+    );
     for (pod, requests) in [(a1, 5), (a2, 2)] {
+        let mut ok = 0;
         for _ in 0..requests {
             let out = pod
                 .command("curl")?
                 .args(["-sS", "--max-time", "5", &format!("http://{}/", b1.ip)])
                 .output()
                 .context("running curl in a pod")?;
-            anyhow::ensure!(
-                out.status.success(),
-                "curl from {} failed: {}",
-                pod.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ok += usize::from(out.status.success());
         }
-        println!("{} -> http://{}/ x{requests}: ok", pod.name, b1.ip);
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let stats = agent.stats()?;
-    println!("\nweft on node a, eBPF counters: {}", stats["ebpf"]);
-    println!("weft on node a, flows (source pod -> destination):");
-    for flow in stats["flows"].as_array().into_iter().flatten() {
         println!(
-            "  {} -> {}: opened {} closed {} failed {} bytes sent {} received {}",
+            "{} -> http://{}/ x{requests}: {ok} answered",
+            pod.name, b1.ip
+        );
+    }
+    anyhow::ensure!(
+        b1.nginx_clients()?.len() == 5,
+        "a1's requests did not all arrive"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let client = agents.0.stats()?;
+    println!("\nweft on node a, flows (source pod -> destination, transport):");
+    for flow in client["flows"].as_array().into_iter().flatten() {
+        println!(
+            "  {} -> {} [{}]: opened {} closed {} failed {} bytes sent {} received {}",
             flow["source_pod"].as_str().unwrap_or("?"),
             flow["destination"].as_str().unwrap_or("?"),
+            flow["transport"].as_str().unwrap_or("?"),
             flow["opened"],
             flow["closed"],
             flow["failed"],
@@ -204,13 +219,18 @@ fn run_demo(lab: &Lab) -> Result<(Agent, std::process::Child)> {
             flow["bytes_received"]
         );
     }
+    println!("weft on node a, tunnels: {}", client["tunnels"]);
+    let server = agents.1.stats()?;
+    println!("weft on node b, inbound per pod: {}", server["inbound"]);
+    println!("weft on node b, certificates: {}", server["certificates"]);
     println!(
         "\nnginx in b1 saw these client addresses: {:?}",
         b1.nginx_clients()?
     );
     println!(
-        "(a1's requests went through weft and still carry a1's address {}; a2's went direct)",
+        "(a1's requests crossed the wire in an mTLS tunnel and still carry a1's address {}; \
+         a2's plaintext was refused because b1 is STRICT)",
         a1.ip
     );
-    Ok((agent, nginx))
+    Ok((agents, nginx))
 }
