@@ -2,6 +2,7 @@
 //! inbound capture (STRICT/PERMISSIVE) and authorization policies (need root).
 use std::{
     fs,
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     thread,
@@ -44,6 +45,25 @@ fn start_agents(lab: &Lab, mesh: &Mesh, enrolled: &[&Pod]) -> Result<(Agent, Age
 
 fn identity(pod: &Pod) -> String {
     spiffe_id(TRUST_DOMAIN, "lab", &format!("sa-{}", pod.name))
+}
+
+/// The agent's stats once `settled` holds for them (a connection counts as closed only after both
+/// directions ended, a moment after the client is done), or the last stats after 5 s.
+fn stats_when(agent: &Agent, settled: impl Fn(&Value) -> bool) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = agent.stats()?;
+        if settled(&stats) || Instant::now() > deadline {
+            return Ok(stats);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn closed(stats: &Value, pod: &Pod, destination: &str) -> u64 {
+    flow(stats, pod, destination)
+        .and_then(|f| f["closed"].as_u64())
+        .unwrap_or(0)
 }
 
 fn tunnels(stats: &Value, name: &str) -> u64 {
@@ -216,10 +236,13 @@ fn tunnels_carry_traffic_encrypted_and_apps_see_the_client() -> Result<()> {
         clients == vec![a1.ip.to_string(), a2.ip.to_string()],
         "nginx saw {clients:?}"
     );
-    let stats = client_agent.stats()?;
-    let f = flow(&stats, a1, &format!("{}:80", b1.ip)).context("no flow a1 -> b1")?;
+    let (to_b1, to_b2) = (format!("{}:80", b1.ip), format!("{}:80", b2.ip));
+    let stats = stats_when(&client_agent, |s| {
+        closed(s, a1, &to_b1) == 1 && closed(s, a1, &to_b2) == 1
+    })?;
+    let f = flow(&stats, a1, &to_b1).context("no flow a1 -> b1")?;
     ensure!(f["transport"] == "mtls" && f["closed"] == 1, "flow: {f}");
-    let f = flow(&stats, a1, &format!("{}:80", b2.ip)).context("no flow a1 -> b2")?;
+    let f = flow(&stats, a1, &to_b2).context("no flow a1 -> b2")?;
     ensure!(
         f["transport"] == "plaintext" && f["closed"] == 1,
         "flow: {f}"
@@ -497,7 +520,8 @@ fn certificates_rotate_under_traffic_without_failed_requests() -> Result<()> {
         );
         requests += 1;
     }
-    let client = client_agent.stats()?;
+    let to_b1 = format!("{}:80", b1.ip);
+    let client = stats_when(&client_agent, |s| closed(s, a1, &to_b1) == requests)?;
     let server = server_agent.stats()?;
     // 9 s at a renewal every 2 s: at least 4 certificates per identity.
     for (stats, pod) in [(&client, a1), (&server, b1)] {
@@ -531,22 +555,32 @@ fn a_thousand_streams_share_one_tunnel_connection() -> Result<()> {
     for n in 1..=STREAMS {
         fs::write(b1.dir.join(format!("www/{n}")), format!("page {n}\n"))?;
     }
-    let out_dir = lab.dir.join("pages");
-    fs::create_dir_all(&out_dir)?;
-    let status = a1
-        .command("curl")?
-        .args(["-sS", "--parallel", "--parallel-immediate"])
-        .args(["--parallel-max", &STREAMS.to_string()])
-        .args(["-H", "Connection: close", "--max-time", "60"])
-        .arg(format!("http://{}/[1-{STREAMS}]", b1.ip))
-        .args(["-o", &format!("{}/#1", out_dir.display())])
-        .stdout(Stdio::null())
-        .status()?;
-    ensure!(status.success(), "curl --parallel failed: {status}");
-    for n in 1..=STREAMS {
-        let page = fs::read_to_string(out_dir.join(n.to_string()))?;
-        ensure!(page == format!("page {n}\n"), "stream {n} got {page:?}");
-    }
+    let mut client = a1
+        .command(env!("CARGO_BIN_EXE_held-connections"))?
+        .args([format!("{}:80", b1.ip), STREAMS.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    ensure!(
+        first == format!("connected {STREAMS}"),
+        "client said {first:?}"
+    );
+    // All connections are open at once: as many streams are open on the tunnel.
+    let to_b1 = format!("{}:80", b1.ip);
+    let held = stats_when(&client_agent, |s| {
+        flow(s, a1, &to_b1).and_then(|f| f["active"].as_u64()) == Some(STREAMS as u64)
+    })?;
+    let f = flow(&held, a1, &to_b1).context("no flow")?;
+    ensure!(f["active"] == STREAMS, "not all streams open at once: {f}");
+    writeln!(client.stdin.take().context("stdin")?)?;
+    let last = lines.next().transpose()?.unwrap_or_default();
+    let status = client.wait()?;
+    ensure!(
+        status.success() && last == format!("ok {STREAMS}"),
+        "held connections failed: {status} {last:?}"
+    );
     let client = client_agent.stats()?;
     let f = flow(&client, a1, &format!("{}:80", b1.ip)).context("no flow")?;
     ensure!(f["opened"] == STREAMS && f["failed"] == 0, "flow {f}");

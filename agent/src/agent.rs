@@ -52,6 +52,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         None => Config::embedded_default()?,
     };
     let settings = config.agent.clone();
+    let startup = config.clone();
     check_cgroup2_dir(&settings.cgroup_path)?;
     let certs = match &config.identity {
         Some(identity) => Some(load_identities(identity)?),
@@ -157,7 +158,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         let Some(path) = &config_path else { continue };
         match reload(path, &config, &datapath) {
             Ok(Some(new)) => {
-                ctx.state.replace(MeshState::from_config(&new));
+                ctx.state
+                    .replace(MeshState::from_config(&in_force(&new, &startup)));
                 enrollment.apply(&new).await;
                 config = new;
                 info!("configuration reloaded");
@@ -218,6 +220,16 @@ fn reload(path: &Path, running: &Config, datapath: &Datapath) -> Result<Option<C
         warn!("agent or identity settings other than exclusions changed; they take effect when weft restarts");
     }
     Ok(Some(new))
+}
+
+/// `new` with the identity settings and node name of `startup`: those change only on restart
+/// (the certificates, listeners and capture were built from them), so a reload must not judge
+/// workloads by a trust domain or node the running agent does not have.
+fn in_force(new: &Config, startup: &Config) -> Config {
+    let mut effective = new.clone();
+    effective.identity = startup.identity.clone();
+    effective.agent.node_name = startup.agent.node_name.clone();
+    effective
 }
 
 /// Loads the mesh CA; a missing, malformed, expired or non-CA file stops start-up.

@@ -4,7 +4,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -35,6 +35,20 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     inbound_listeners: Mutex<SockHash<MapData, u32>>,
     deliveries: Mutex<HashMap<MapData, DeliveryKey, u8>>,
+}
+
+/// Removes its delivery's map entry when dropped, also when the connect is abandoned midway.
+pub struct DeliveryGuard {
+    datapath: Arc<Datapath>,
+    key: DeliveryKey,
+}
+
+impl Drop for DeliveryGuard {
+    fn drop(&mut self) {
+        // Not found is fine; any other failure leaves one stale entry that lets through only a
+        // connection with this exact source and destination.
+        let _ = lock(&self.datapath.deliveries).remove(&self.key);
+    }
 }
 
 /// Inbound capture of one pod: undone by [`Datapath::release_inbound`].
@@ -146,18 +160,27 @@ impl Datapath {
         })
     }
 
-    /// Lets the connection the agent is opening from `source` to an app through to the app
-    /// instead of steering it back to the agent. Call [`Datapath::end_delivery`] once connected.
-    pub fn begin_delivery(&self, source: SocketAddrV4) -> Result<()> {
+    /// Lets the connection the agent is opening from `source` to an app at `target` through to
+    /// the app instead of steering it back to the agent, until the returned guard is dropped
+    /// (once connected, the kernel no longer looks for a listener).
+    pub fn begin_delivery(
+        self: &Arc<Self>,
+        source: SocketAddrV4,
+        target: SocketAddrV4,
+    ) -> Result<DeliveryGuard> {
+        let key = DeliveryKey {
+            source_ip: u32::from_ne_bytes(source.ip().octets()),
+            destination_ip: u32::from_ne_bytes(target.ip().octets()),
+            source_port: source.port(),
+            destination_port: target.port(),
+        };
         lock(&self.deliveries)
-            .insert(delivery_key(source), 1, 0)
-            .with_context(|| format!("registering the delivery from {source}"))
-    }
-
-    pub fn end_delivery(&self, source: SocketAddrV4) {
-        // Not found is fine; any other failure leaves an entry the next delivery from the same
-        // address and port overwrites.
-        let _ = lock(&self.deliveries).remove(&delivery_key(source));
+            .insert(key, 1, 0)
+            .with_context(|| format!("registering the delivery {source} -> {target}"))?;
+        Ok(DeliveryGuard {
+            datapath: Arc::clone(self),
+            key,
+        })
     }
 
     /// Steers connections that arrive at `pod_ip` from outside the pod (except on the tunnel
@@ -302,14 +325,6 @@ impl Datapath {
                 (counter.name(), total)
             })
             .collect()
-    }
-}
-
-fn delivery_key(source: SocketAddrV4) -> DeliveryKey {
-    DeliveryKey {
-        ip: u32::from_ne_bytes(source.ip().octets()),
-        port: source.port(),
-        _pad: 0,
     }
 }
 

@@ -348,23 +348,18 @@ async fn deliver(
         .netns
         .delivery_socket(ctx.delivery_mark, transparent)
         .await?;
-    let bound = match (transparent, socket.local_addr()?) {
-        (Some(_), SocketAddr::V4(bound)) => {
+    // Held until connected: the app's SYN must not be steered back to the agent.
+    let _delivery = match (transparent, socket.local_addr()?) {
+        (Some(_), SocketAddr::V4(bound)) => Some(
             ctx.datapath
-                .begin_delivery(bound)
-                .map_err(|err| io::Error::other(format!("{err:#}")))?;
-            Some(bound)
-        }
+                .begin_delivery(bound, target)
+                .map_err(|err| io::Error::other(format!("{err:#}")))?,
+        ),
         _ => None,
     };
-    let connected = tokio::time::timeout(ctx.connect_timeout, socket.connect(target.into()))
+    tokio::time::timeout(ctx.connect_timeout, socket.connect(target.into()))
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-        .and_then(|connected| connected);
-    if let Some(bound) = bound {
-        ctx.datapath.end_delivery(bound);
-    }
-    connected
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// Relays between the client side and the app; false when it ended with an error, after which

@@ -58,15 +58,17 @@ pub struct ClientKey {
     pub _pad: u16,
 }
 
-/// The source end of a connection the agent is opening to an app inside a pod, from the client's
-/// address (network order) and a port (host order). Such connections must reach the app, not be
-/// steered back to the agent.
+/// A connection the agent is opening to an app inside a pod, from the client's address: such a
+/// connection must reach the app, not be steered back to the agent. Addresses in network order,
+/// ports in host order. The destination is part of the key so an entry lets through exactly one
+/// connection, to one pod and port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DeliveryKey {
-    pub ip: u32,
-    pub port: u16,
-    pub _pad: u16,
+    pub source_ip: u32,
+    pub destination_ip: u32,
+    pub source_port: u16,
+    pub destination_port: u16,
 }
 
 /// Indexes into the per-CPU `COUNTERS` array.

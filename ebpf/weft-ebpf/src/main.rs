@@ -279,9 +279,10 @@ mod programs {
             return SK_PASS;
         }
         let delivery = DeliveryKey {
-            ip: remote_ip,
-            port: u16::from_be(remote_port),
-            _pad: 0,
+            source_ip: remote_ip,
+            destination_ip: local_ip,
+            source_port: u16::from_be(remote_port),
+            destination_port: local_port as u16,
         };
         if unsafe { DELIVERIES.get(delivery) }.is_some() {
             return SK_PASS;
