@@ -2,7 +2,6 @@
 //! port 15008 or as plaintext steered here by the `sk_lookup` program, are checked (identity,
 //! STRICT/PERMISSIVE, authorization) and delivered to the app from inside the pod.
 use std::{
-    convert::Infallible,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
@@ -12,13 +11,11 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::Empty;
-use hyper::{
-    body::Bytes, server::conn::http2, service::service_fn, Method, Request, Response, StatusCode,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{Method, Request, Response, StatusCode};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{BufReader, BufWriter},
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::TlsAcceptor;
@@ -29,18 +26,19 @@ use crate::{
     config::{InboundMode, PodId},
     identity::{peer_identity, Identity},
     policy::{Decision, Request as PolicyRequest},
-    proxy::{copy_metered, PodProxy, ProxyContext},
+    proxy::{copy_metered, splice_metered, PodProxy, ProxyContext},
     state::{MeshState, Workload},
     stats::InboundCounters,
-    tunnel::{CONNECTION_WINDOW_BYTES, FORWARDED, STREAM_WINDOW_BYTES},
+    tunnel::{
+        TunnelStream, CONNECTION_WINDOW_BYTES, FORWARDED, MAX_FRAME_BYTES, MAX_HEADER_LIST_BYTES,
+        STREAM_WINDOW_BYTES, TLS_READ_BUFFER_BYTES, TLS_WRITE_BUFFER_BYTES,
+    },
 };
 
 /// A client that opens TCP but never finishes its TLS hello must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Far above what 1,000 concurrent connections between two identities need.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
-/// Tunnel requests carry a few short headers; anything larger is not ours.
-const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Accepts tunnel connections on a pod's 15008 listener until `stop` is cancelled.
 pub async fn run_tunnel_listener(
@@ -80,7 +78,11 @@ async fn serve_tunnel_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let counters = &ctx.stats.tunnels;
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await;
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tls.accept(BufReader::with_capacity(TLS_READ_BUFFER_BYTES, stream)),
+    )
+    .await;
     let tls_stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
@@ -111,41 +113,98 @@ async fn serve_tunnel_connection(
     counters.server_handshakes.fetch_add(1, Relaxed);
     debug!(pod = %pod.id, %peer, %client, "tunnel connection accepted");
     let client = Arc::new(client);
-    let service = {
-        let ctx = Arc::clone(ctx);
-        service_fn(move |request| {
-            let (ctx, client) = (Arc::clone(&ctx), Arc::clone(&client));
-            async move { Ok::<_, Infallible>(open_stream(ctx, &client, peer, request).await) }
-        })
-    };
-    let served = http2::Builder::new(TokioExecutor::new())
+    let handshake = h2::server::Builder::new()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .serve_connection(TokioIo::new(tls_stream), service)
-        .await;
-    if let Err(err) = served {
-        counters.connection_errors.fetch_add(1, Relaxed);
-        warn!(pod = %pod.id, %peer, error = %err, "tunnel connection closed on a protocol error");
+        .max_frame_size(MAX_FRAME_BYTES)
+        .handshake::<_, Bytes>(BufWriter::with_capacity(TLS_WRITE_BUFFER_BYTES, tls_stream));
+    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(err)) => {
+            counters.connection_errors.fetch_add(1, Relaxed);
+            warn!(pod = %pod.id, %peer, error = %err, "tunnel connection closed on a protocol error");
+            return;
+        }
+        Err(_) => {
+            counters.connection_errors.fetch_add(1, Relaxed);
+            warn!(pod = %pod.id, %peer, "tunnel connection sent no HTTP/2 preface in time");
+            return;
+        }
+    };
+    // Accepting also drives the connection: frames of open streams flow only while this runs.
+    while let Some(accepted) = connection.accept().await {
+        match accepted {
+            Ok((request, respond)) => {
+                let (ctx, client) = (Arc::clone(ctx), Arc::clone(&client));
+                ctx.connections.clone().spawn(async move {
+                    serve_stream(&ctx, &client, peer, request, respond).await;
+                });
+            }
+            Err(err) => {
+                counters.connection_errors.fetch_add(1, Relaxed);
+                warn!(pod = %pod.id, %peer, error = %err, "tunnel connection closed on a protocol error");
+                return;
+            }
+        }
     }
 }
 
-/// Handles one CONNECT stream: checks it, connects to the app, answers 200 and then splices the
-/// stream to the app in a task of its own.
-async fn open_stream(
-    ctx: Arc<ProxyContext>,
+/// Handles one CONNECT stream: checks it, connects to the app, answers, then splices the stream
+/// to the app.
+async fn serve_stream(
+    ctx: &ProxyContext,
     client: &Identity,
     peer: SocketAddr,
-    request: Request<hyper::body::Incoming>,
-) -> Response<Empty<Bytes>> {
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let (workload, counters, mut app) = match open_stream(ctx, client, peer, &request).await {
+        Ok(opened) => opened,
+        Err(status) => {
+            let _ = respond.send_response(status_response(status), true);
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(err) => {
+            debug!(pod = %workload.id, error = %err, "tunnel stream closed before it opened");
+            let _ = app.set_zero_linger();
+            return;
+        }
+    };
+    let mut stream = TunnelStream::new(send, request.into_body());
+    let result = splice_metered(
+        ctx,
+        &mut app,
+        &mut stream,
+        &counters.bytes_from_app,
+        &counters.bytes_to_app,
+    )
+    .await;
+    if let Err(err) = result {
+        debug!(pod = %workload.id, error = %err, "inbound connection ended with an error");
+        let _ = app.set_zero_linger();
+    }
+}
+
+/// Checks a CONNECT stream and connects to its app: the workload, its counters and the app
+/// connection, or the status to refuse the stream with.
+async fn open_stream(
+    ctx: &ProxyContext,
+    client: &Identity,
+    peer: SocketAddr,
+    request: &Request<RecvStream>,
+) -> Result<(Arc<Workload>, Arc<InboundCounters>, TcpStream), StatusCode> {
     let state = ctx.state.get();
-    let (workload, target, source) = match check_stream(&ctx, &state, client, &request) {
+    let (workload, target, source) = match check_stream(ctx, &state, client, request) {
         Ok(checked) => checked,
         Err((status, reason)) => {
             ctx.stats.tunnels.rejected_streams.fetch_add(1, Relaxed);
             warn!(%client, %peer, authority = ?request.uri().authority().map(|a| a.as_str()), reason, "tunnel stream rejected");
-            return status_response(status);
+            return Err(status);
         }
     };
     let counters = ctx.stats.inbound(&workload.id);
@@ -158,42 +217,24 @@ async fn open_stream(
     }) {
         counters.denied.fetch_add(1, Relaxed);
         warn!(source = %client, destination = %workload.identity, pod = %workload.id, port = target.port(), policy, "connection denied by policy");
-        return status_response(StatusCode::FORBIDDEN);
+        return Err(StatusCode::FORBIDDEN);
     }
     let Some(pod) = ctx.local_pod(target.ip()) else {
         ctx.stats.tunnels.rejected_streams.fetch_add(1, Relaxed);
         warn!(%client, %target, "tunnel stream for a workload that is not enrolled here");
-        return status_response(StatusCode::NOT_FOUND);
+        return Err(StatusCode::NOT_FOUND);
     };
-    let app = match deliver(&ctx, &pod, source, target).await {
-        Ok(app) => app,
+    match deliver(ctx, &pod, source, target).await {
+        Ok(app) => {
+            counters.mtls.fetch_add(1, Relaxed);
+            Ok((workload, counters, app))
+        }
         Err(err) => {
             counters.failed.fetch_add(1, Relaxed);
             info!(pod = %workload.id, %target, %client, error = %err, "cannot reach the app");
-            return status_response(StatusCode::SERVICE_UNAVAILABLE);
+            Err(StatusCode::SERVICE_UNAVAILABLE)
         }
-    };
-    counters.mtls.fetch_add(1, Relaxed);
-    let upgrade = hyper::upgrade::on(request);
-    ctx.connections.clone().spawn(async move {
-        match upgrade.await {
-            // Dropping a failed stream resets it (RST_STREAM) rather than ending it cleanly.
-            Ok(upgraded) => {
-                splice(
-                    &ctx,
-                    &counters,
-                    &mut TokioIo::new(upgraded),
-                    app,
-                    &workload.id,
-                )
-                .await;
-            }
-            Err(err) => {
-                debug!(pod = %workload.id, error = %err, "tunnel stream closed before it opened")
-            }
-        }
-    });
-    Response::new(Empty::new())
+    }
 }
 
 type Rejection = (StatusCode, &'static str);
@@ -203,7 +244,7 @@ fn check_stream(
     ctx: &ProxyContext,
     state: &MeshState,
     client: &Identity,
-    request: &Request<hyper::body::Incoming>,
+    request: &Request<RecvStream>,
 ) -> Result<(Arc<Workload>, SocketAddrV4, Option<SocketAddrV4>), Rejection> {
     if request.method() != Method::CONNECT {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "not a CONNECT request"));
@@ -250,8 +291,8 @@ fn check_stream(
     Ok((Arc::clone(workload), target, source))
 }
 
-fn status_response(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status_response(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = status;
     response
 }
@@ -364,10 +405,10 @@ async fn deliver(
 
 /// Relays between the client side and the app; false when it ended with an error, after which
 /// the app connection has been reset and the caller resets the client side.
-async fn splice<C: AsyncRead + AsyncWrite + Unpin>(
+async fn splice(
     ctx: &ProxyContext,
     counters: &InboundCounters,
-    client: &mut C,
+    client: &mut TcpStream,
     mut app: TcpStream,
     pod: &PodId,
 ) -> bool {

@@ -28,7 +28,7 @@ use crate::{
     netns::PodNetns,
     state::SharedState,
     stats::{FlowCounters, Stats, Transport},
-    tunnel::TunnelPool,
+    tunnel::{TunnelPool, TunnelStream},
 };
 
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
@@ -129,7 +129,15 @@ async fn proxy_connection(
             .await
         {
             Ok(mut stream) => {
-                relay(ctx, pod, destination, &flow, &mut client, &mut stream).await;
+                let result = splice_metered(
+                    ctx,
+                    &mut client,
+                    &mut stream,
+                    &flow.bytes_sent,
+                    &flow.bytes_received,
+                )
+                .await;
+                finish(pod, destination, &flow, &client, result);
             }
             Err(err) => refuse(pod, destination, &flow, &client, format!("{err:#}")),
         }
@@ -139,7 +147,15 @@ async fn proxy_connection(
     flow.opened.fetch_add(1, Relaxed);
     match connect_upstream(ctx, pod, destination).await {
         Ok(mut upstream) => {
-            if !relay(ctx, pod, destination, &flow, &mut client, &mut upstream).await {
+            let result = copy_metered(
+                ctx,
+                &mut client,
+                &mut upstream,
+                &flow.bytes_sent,
+                &flow.bytes_received,
+            )
+            .await;
+            if !finish(pod, destination, &flow, &client, result) {
                 let _ = upstream.set_zero_linger();
             }
         }
@@ -147,24 +163,15 @@ async fn proxy_connection(
     }
 }
 
-/// Copies both ways until both sides end. False when it ended with an error: the client is
+/// Records how a relayed connection ended. False when it ended with an error: the client is
 /// reset, as the caller must reset the other side, so an abort is not passed on as a clean end.
-async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
-    ctx: &ProxyContext,
+fn finish(
     pod: &PodProxy,
     destination: SocketAddrV4,
     flow: &FlowCounters,
-    client: &mut TcpStream,
-    upstream: &mut U,
+    client: &TcpStream,
+    result: io::Result<(u64, u64)>,
 ) -> bool {
-    let result = copy_metered(
-        ctx,
-        client,
-        upstream,
-        &flow.bytes_sent,
-        &flow.bytes_received,
-    )
-    .await;
     flow.closed.fetch_add(1, Relaxed);
     match result {
         Ok((sent, received)) => {
@@ -222,6 +229,34 @@ where
     tokio::select! {
         result = copy => result,
         () = ctx.abort.cancelled() => Err(io::Error::other("the agent's drain period is over")),
+    }
+}
+
+/// [`copy_metered`] between a TCP connection and a tunnel stream. On an error the stream is
+/// reset; the caller resets the TCP side.
+pub async fn splice_metered(
+    ctx: &ProxyContext,
+    tcp: &mut TcpStream,
+    stream: &mut TunnelStream,
+    read_from_tcp: &AtomicU64,
+    read_from_stream: &AtomicU64,
+) -> io::Result<(u64, u64)> {
+    let spliced = tokio::select! {
+        biased;
+        result = stream.splice(tcp, read_from_tcp, read_from_stream) => Some(result),
+        () = ctx.abort.cancelled() => None,
+    };
+    match spliced {
+        Some(Ok(counts)) => Ok(counts),
+        Some(Err(err)) => {
+            // RFC 9113 §8.5: a failed TCP connection behind CONNECT is signalled so.
+            stream.reset(h2::Reason::CONNECT_ERROR);
+            Err(err)
+        }
+        None => {
+            stream.reset(h2::Reason::CANCEL);
+            Err(io::Error::other("the agent's drain period is over"))
+        }
     }
 }
 

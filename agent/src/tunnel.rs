@@ -9,21 +9,28 @@
 //! a fresh connection with the new certificate while old streams finish on the old one.
 use std::{
     collections::HashMap,
+    future::poll_fn,
     io,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use http_body_util::Empty;
-use hyper::{
-    body::Bytes, client::conn::http2, header::HeaderValue, upgrade::Upgraded, Method, Request,
-    StatusCode,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::{BufMut, Bytes, BytesMut};
+use h2::{client::SendRequest, Reason, RecvStream, SendStream};
+use http::{header::HeaderValue, Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpSocket;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
+    net::{
+        tcp::{ReadHalf, WriteHalf},
+        TcpSocket, TcpStream,
+    },
+};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
@@ -39,6 +46,22 @@ pub const FORWARDED: &str = "forwarded";
 /// HTTP/2 windows large enough for bulk transfers over one stream.
 pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+/// The largest DATA frame either agent accepts: a whole read from the TCP side goes out as one
+/// frame, in one write to TLS.
+pub const MAX_FRAME_BYTES: u32 = 64 * 1024;
+/// Tunnel requests and responses carry a few short headers; anything larger is not ours.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Bytes read from a tunnel's TCP connection per system call. rustls reads at most 4 KiB at a
+/// time, so without this a full TLS record takes several reads.
+pub const TLS_READ_BUFFER_BYTES: usize = 64 * 1024;
+/// HTTP/2 frames smaller than this are gathered until h2 flushes, then go out in one TLS write:
+/// fewer TLS records and system calls when several streams or frames are ready at once.
+pub const TLS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// The most read from a proxied TCP connection at once: with the 9-byte frame header, a full
+/// read fills four TLS records of 16 KiB exactly, so no runt records are sent.
+const READ_CHUNK_BYTES: usize = 64 * 1024 - 9;
+/// A read buffer with less room than this is replaced rather than reused for the next read.
+const MIN_READ_ROOM_BYTES: usize = 16 * 1024;
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -48,7 +71,9 @@ struct PoolKey {
 }
 
 struct PooledConnection {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set when the connection's task has ended: no stream can open on it any more.
+    closed: Arc<AtomicBool>,
     /// The client certificate the connection was opened with.
     certificate: Arc<WorkloadCertificate>,
 }
@@ -95,8 +120,13 @@ impl TunnelPool {
         client_ip: Ipv4Addr,
         destination: &Workload,
         target: SocketAddrV4,
-    ) -> Result<TokioIo<Upgraded>> {
-        let mut sender = self.sender(source, destination).await?;
+    ) -> Result<TunnelStream> {
+        let mut sender = self
+            .sender(source, destination)
+            .await?
+            .ready()
+            .await
+            .context("the tunnel connection cannot open streams")?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -104,22 +134,22 @@ impl TunnelPool {
                 FORWARDED,
                 HeaderValue::from_str(&format!("for={client_ip}"))?,
             )
-            .body(Empty::<Bytes>::new())
+            .body(())
             .context("building the CONNECT request")?;
-        let response = sender
-            .send_request(request)
-            .await
+        let (response, send) = sender
+            .send_request(request, false)
             .context("sending CONNECT over the tunnel")?;
+        let response = response.await.context("the tunnel stream did not open")?;
         if response.status() != StatusCode::OK {
             bail!(
                 "the destination agent refused the stream: {}",
                 response.status()
             );
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .context("the tunnel stream did not open")?;
-        Ok(TokioIo::new(upgraded))
+        Ok(TunnelStream {
+            send,
+            recv: response.into_body(),
+        })
     }
 
     /// A sender on a live pooled connection whose client certificate is current, dialling one
@@ -128,7 +158,7 @@ impl TunnelPool {
         &self,
         source: &Identity,
         destination: &Workload,
-    ) -> Result<http2::SendRequest<Empty<Bytes>>> {
+    ) -> Result<SendRequest<Bytes>> {
         let key = PoolKey {
             source: source.clone(),
             node: destination.node.clone(),
@@ -138,7 +168,7 @@ impl TunnelPool {
         let mut slot = slot.lock().await;
         let current = self.certs.certificate(source)?;
         if let Some(pooled) = slot.as_ref() {
-            if !pooled.sender.is_closed() && Arc::ptr_eq(&pooled.certificate, &current) {
+            if !pooled.closed.load(Relaxed) && Arc::ptr_eq(&pooled.certificate, &current) {
                 return Ok(pooled.sender.clone());
             }
         }
@@ -165,8 +195,10 @@ impl TunnelPool {
             .with_context(|| format!("connecting to the tunnel port {address}"))?;
         let tls = tokio::time::timeout(
             self.connect_timeout,
-            TlsConnector::from(tls_config)
-                .connect(ServerName::IpAddress(destination.ip.into()), tcp),
+            TlsConnector::from(tls_config).connect(
+                ServerName::IpAddress(destination.ip.into()),
+                BufReader::with_capacity(TLS_READ_BUFFER_BYTES, tcp),
+            ),
         )
         .await
         .map_err(|_| anyhow!("TLS handshake with {address} timed out"))?
@@ -177,23 +209,156 @@ impl TunnelPool {
             )
         })?;
         self.stats.tunnels.client_handshakes.fetch_add(1, Relaxed);
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .handshake(TokioIo::new(tls))
+            .max_frame_size(MAX_FRAME_BYTES)
+            .max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .handshake(BufWriter::with_capacity(TLS_WRITE_BUFFER_BYTES, tls))
             .await
             .with_context(|| format!("HTTP/2 handshake with {address}"))?;
         info!(%source, destination = %destination.identity, node = %destination.node, %address, "tunnel connection opened");
         let stats = Arc::clone(&self.stats);
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = Arc::clone(&closed);
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 stats.tunnels.connection_errors.fetch_add(1, Relaxed);
                 debug!(%address, error = %err, "tunnel connection ended with an error");
             }
+            ended.store(true, Relaxed);
         });
         Ok(PooledConnection {
             sender,
+            closed,
             certificate,
         })
+    }
+}
+
+/// One open CONNECT stream: a proxied TCP connection inside a tunnel connection.
+pub struct TunnelStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+}
+
+impl TunnelStream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self { send, recv }
+    }
+
+    /// Copies between `tcp` and the stream until both directions have ended, with backpressure
+    /// (a TCP read waits for stream capacity; the peer's window reopens only once its data has
+    /// been written to `tcp`) and half-close (TCP EOF ends the stream, the stream's end shuts
+    /// down `tcp`'s sending side). Counts the bytes read from each side as they flow.
+    pub async fn splice(
+        &mut self,
+        tcp: &mut TcpStream,
+        read_from_tcp: &AtomicU64,
+        read_from_stream: &AtomicU64,
+    ) -> io::Result<(u64, u64)> {
+        let (mut tcp_read, mut tcp_write) = tcp.split();
+        tokio::try_join!(
+            tcp_to_stream(&mut tcp_read, &mut self.send, read_from_tcp),
+            stream_to_tcp(&mut self.recv, &mut tcp_write, read_from_stream),
+        )
+    }
+
+    /// Ends the stream abnormally, so the peer resets its side instead of seeing a clean end.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+async fn tcp_to_stream(
+    tcp: &mut ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    counter: &AtomicU64,
+) -> io::Result<u64> {
+    let mut buffer = BytesMut::new();
+    let mut total = 0;
+    loop {
+        // The previous chunk may still be queued in h2: reuse the buffer's room while it lasts.
+        if buffer.capacity() < MIN_READ_ROOM_BYTES {
+            buffer.reserve(READ_CHUNK_BYTES);
+        }
+        let mut room = (&mut buffer).limit(READ_CHUNK_BYTES);
+        let read = tokio::select! {
+            biased;
+            read = tcp.read_buf(&mut room) => read?,
+            // A reset stream must not wait for the TCP side to speak again.
+            reset = poll_fn(|cx| send.poll_reset(cx)) => return Err(reset_error(reset)),
+        };
+        if read == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_error)?;
+            return Ok(total);
+        }
+        counter.fetch_add(read as u64, Relaxed);
+        total += read as u64;
+        let mut chunk = buffer.split().freeze();
+        send.reserve_capacity(chunk.len());
+        while !chunk.is_empty() {
+            let capacity = send_capacity(send).await?;
+            send.send_data(chunk.split_to(capacity.min(chunk.len())), false)
+                .map_err(h2_error)?;
+        }
+    }
+}
+
+/// Waits until the stream may send at least one byte (peer windows and h2's send buffer).
+async fn send_capacity(send: &mut SendStream<Bytes>) -> io::Result<usize> {
+    loop {
+        let capacity = send.capacity();
+        if capacity > 0 {
+            return Ok(capacity);
+        }
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Err(h2_error(err)),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the tunnel stream closed",
+                ))
+            }
+        }
+    }
+}
+
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    tcp: &mut WriteHalf<'_>,
+    counter: &AtomicU64,
+) -> io::Result<u64> {
+    let mut total = 0;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_error)?;
+        counter.fetch_add(data.len() as u64, Relaxed);
+        total += data.len() as u64;
+        tcp.write_all(&data).await?;
+        recv.flow_control()
+            .release_capacity(data.len())
+            .map_err(h2_error)?;
+    }
+    tcp.shutdown().await?;
+    Ok(total)
+}
+
+fn reset_error(reset: Result<Reason, h2::Error>) -> io::Error {
+    match reset {
+        Ok(reason) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("the tunnel stream was reset: {reason}"),
+        ),
+        Err(err) => h2_error(err),
+    }
+}
+
+fn h2_error(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        err.into_io()
+            .unwrap_or_else(|| io::Error::other("tunnel connection I/O error"))
+    } else {
+        io::Error::other(err)
     }
 }
