@@ -102,7 +102,14 @@ async fn serve_tunnel_connection(
         .peer_certificates()
         .ok_or_else(|| anyhow::anyhow!("no client certificate"))
         .and_then(peer_identity)
-    {
+        .and_then(|identity| match &pod.identity {
+            // Namespace rules and `forwarded` checks compare within one trust domain only.
+            Some(own) if own.trust_domain() != identity.trust_domain() => Err(anyhow::anyhow!(
+                "{identity} is not in trust domain {}",
+                own.trust_domain()
+            )),
+            _ => Ok(identity),
+        }) {
         Ok(identity) => identity,
         Err(err) => {
             counters.rejected_handshakes.fetch_add(1, Relaxed);

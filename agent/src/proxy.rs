@@ -124,10 +124,14 @@ async fn proxy_connection(
     if let Some(((tunnels, source), workload)) = meshed {
         let flow = ctx.stats.flow(&pod.id, destination, Transport::Mtls);
         flow.opened.fetch_add(1, Relaxed);
-        match tunnels
-            .open_stream(source, pod.ip, workload, destination)
-            .await
-        {
+        // Bounded: a stream that never opens (an unresponsive peer agent) fails like a connect.
+        let opened = tokio::time::timeout(
+            ctx.connect_timeout,
+            tunnels.open_stream(source, pod.ip, workload, destination),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the tunnel stream did not open in time")));
+        match opened {
             Ok(mut stream) => {
                 let result = splice_metered(
                     ctx,

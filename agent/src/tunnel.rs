@@ -63,6 +63,9 @@ const READ_CHUNK_BYTES: usize = 64 * 1024 - 9;
 /// A read buffer with less room than this is replaced rather than reused for the next read.
 const MIN_READ_ROOM_BYTES: usize = 16 * 1024;
 
+/// Idle probe interval of tunnel connections; a peer silent for three of them is dead.
+const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(10);
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     source: Identity,
@@ -188,6 +191,20 @@ impl TunnelPool {
             .set_mark(self.socket_mark)
             .context("marking a tunnel socket")?;
         socket.set_nodelay(true)?;
+        // A pooled connection to a node or pod that vanished must fail in seconds, not after
+        // the kernel's ~15 minutes of retransmissions, or new streams would queue on it.
+        let socket_ref = socket2::SockRef::from(&socket);
+        socket_ref
+            .set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(TUNNEL_KEEPALIVE)
+                    .with_interval(TUNNEL_KEEPALIVE)
+                    .with_retries(3),
+            )
+            .context("enabling keepalive on a tunnel socket")?;
+        socket_ref
+            .set_tcp_user_timeout(Some(TUNNEL_KEEPALIVE * 3))
+            .context("setting the tunnel socket's user timeout")?;
         let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(address.into()))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
