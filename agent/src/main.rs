@@ -59,14 +59,20 @@ fn main() -> Result<()> {
 }
 
 /// Start-up (loading the eBPF programs) allocates and frees several MiB in large blocks. glibc's
-/// adaptive threshold would move such blocks into the heap, which keeps them after they are
-/// freed; a fixed threshold keeps them mmapped, so freeing them returns the memory (about
-/// 13 MiB of RSS per agent). The proxy's own buffers are smaller and stay in the heap.
+/// adaptive thresholds would move such blocks into the heap, which keeps them after they are
+/// freed; a fixed mmap threshold keeps them mmapped, so freeing them returns the memory (about
+/// 13 MiB of RSS per agent). The proxy's own buffers are smaller and stay in the heap, and a
+/// few MiB of free heap are kept rather than trimmed, so bulk transfers do not shrink and regrow
+/// the heap hundreds of times a second.
 #[cfg(target_env = "gnu")]
 fn return_large_frees_to_the_os() {
     const MMAP_THRESHOLD_BYTES: libc::c_int = 128 * 1024;
+    const TRIM_THRESHOLD_BYTES: libc::c_int = 4 * 1024 * 1024;
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) };
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+    }
 }
 
 #[cfg(not(target_env = "gnu"))]
