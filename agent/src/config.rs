@@ -341,11 +341,11 @@ fn check_workload(entry: &str, name: &str, namespace: &str, service_account: &st
 }
 
 /// Kubernetes object names: dot-separated DNS labels, at most 253 characters.
-fn is_dns_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

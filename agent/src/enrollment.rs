@@ -18,10 +18,10 @@ use crate::{
     config::{Config, PodId, PodSpec},
     datapath::InboundCapture,
     identity::{CertificateStore, Identity},
-    inbound::{run_plaintext_listener, run_tunnel_listener},
+    inbound::{serve_steered, serve_tunnel},
     lock,
     netns::PodNetns,
-    proxy::{run_outbound, PodProxy, ProxyContext},
+    proxy::{accept_until_stopped, serve_outbound, PodProxy, ProxyContext},
 };
 
 /// What the admin endpoint reports per configured pod.
@@ -209,11 +209,13 @@ impl Enrollment {
         });
         let stop_accepting = CancellationToken::new();
         let ctx = &self.ctx;
-        tokio::spawn(run_outbound(
+        tokio::spawn(accept_until_stopped(
             outbound,
             Arc::clone(&proxy),
             Arc::clone(ctx),
             stop_accepting.clone(),
+            "outbound",
+            serve_outbound,
         ));
         let mut inbound = None;
         if let Some((tunnel, tls, plaintext)) = inbound_listeners {
@@ -228,18 +230,21 @@ impl Enrollment {
                 }
             };
             inbound = Some(capture);
-            tokio::spawn(run_tunnel_listener(
+            tokio::spawn(accept_until_stopped(
                 tunnel,
-                tls,
                 Arc::clone(&proxy),
                 Arc::clone(ctx),
                 stop_accepting.clone(),
+                "tunnel",
+                move |ctx, pod, stream, peer| serve_tunnel(ctx, pod, tls.clone(), stream, peer),
             ));
-            tokio::spawn(run_plaintext_listener(
+            tokio::spawn(accept_until_stopped(
                 plaintext,
                 Arc::clone(&proxy),
                 Arc::clone(ctx),
                 stop_accepting.clone(),
+                "plaintext",
+                serve_steered,
             ));
             ctx.local_pods
                 .write()

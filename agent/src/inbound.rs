@@ -16,10 +16,9 @@ use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
     io::{BufReader, BufWriter},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -39,35 +38,6 @@ use crate::{
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Far above what 1,000 concurrent connections between two identities need.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
-
-/// Accepts tunnel connections on a pod's 15008 listener until `stop` is cancelled.
-pub async fn run_tunnel_listener(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    pod: Arc<PodProxy>,
-    ctx: Arc<ProxyContext>,
-    stop: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let (tls, ctx, pod) = (tls.clone(), Arc::clone(&ctx), Arc::clone(&pod));
-                ctx.connections.clone().spawn(async move {
-                    serve_tunnel_connection(&ctx, &pod, tls, stream, peer).await;
-                });
-            }
-            Err(err) => {
-                warn!(pod = %pod.id, error = %err, "tunnel accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    debug!(pod = %pod.id, "tunnel listener closed");
-}
 
 async fn serve_tunnel_connection(
     ctx: &Arc<ProxyContext>,
@@ -304,32 +274,25 @@ fn status_response(status: StatusCode) -> Response<()> {
     response
 }
 
-/// Accepts plaintext connections the `sk_lookup` program steered to a pod's listener.
-pub async fn run_plaintext_listener(
-    listener: TcpListener,
-    pod: Arc<PodProxy>,
+/// Serves a connection accepted on a pod's tunnel listener.
+pub async fn serve_tunnel(
     ctx: Arc<ProxyContext>,
-    stop: CancellationToken,
+    pod: Arc<PodProxy>,
+    tls: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
-                ctx.connections.clone().spawn(async move {
-                    serve_plaintext(&ctx, &pod, stream, peer).await;
-                });
-            }
-            Err(err) => {
-                warn!(pod = %pod.id, error = %err, "plaintext accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    debug!(pod = %pod.id, "plaintext listener closed");
+    serve_tunnel_connection(&ctx, &pod, tls, stream, peer).await;
+}
+
+/// Serves a plaintext connection the `sk_lookup` program steered to a pod's listener.
+pub async fn serve_steered(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    serve_plaintext(&ctx, &pod, stream, peer).await;
 }
 
 async fn serve_plaintext(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream, peer: SocketAddr) {

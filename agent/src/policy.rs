@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{is_dns_label, is_dns_subdomain};
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicy {
@@ -182,19 +184,6 @@ fn is_trust_domain(s: &str) -> bool {
 }
 
 /// Kubernetes object names: dot-separated DNS labels, at most 253 characters.
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// Who is connecting to what, as the destination agent sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {

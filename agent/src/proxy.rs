@@ -3,6 +3,7 @@
 //! workload, else as plain TCP from inside the pod.
 use std::{
     collections::HashMap,
+    future::Future,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     pin::Pin,
@@ -69,33 +70,47 @@ pub struct PodProxy {
     pub transparent_delivery: bool,
 }
 
-/// Accepts on `listener` until `stop` is cancelled. Open connections are not affected by `stop`.
-pub async fn run_outbound(
+/// Accepts on one of a pod's listeners until `stop` is cancelled, serving each connection with
+/// `serve` in a task the drain tracks. Open connections are not affected by `stop`.
+pub async fn accept_until_stopped<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,
     ctx: Arc<ProxyContext>,
     stop: CancellationToken,
-) {
+    kind: &'static str,
+    serve: F,
+) where
+    F: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((client, peer)) => {
-                let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
-                ctx.connections
-                    .clone()
-                    .spawn(async move { proxy_connection(&ctx, &pod, client, peer).await });
+            Ok((stream, peer)) => {
+                let task = serve(Arc::clone(&ctx), Arc::clone(&pod), stream, peer);
+                ctx.connections.spawn(task);
             }
             Err(err) => {
                 // Usually fd exhaustion: back off instead of spinning, keep serving.
-                warn!(pod = %pod.id, error = %err, "accept failed");
+                warn!(pod = %pod.id, listener = kind, error = %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    debug!(pod = %pod.id, "outbound listener closed");
+    debug!(pod = %pod.id, listener = kind, "listener closed");
+}
+
+/// Serves a connection accepted on a pod's outbound listener.
+pub async fn serve_outbound(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    proxy_connection(&ctx, &pod, client, peer).await;
 }
 
 async fn proxy_connection(
