@@ -25,7 +25,7 @@ use crate::{
     config::{InboundMode, PodId},
     identity::{peer_identity, Identity},
     policy::{Decision, Request as PolicyRequest},
-    proxy::{copy_metered, splice_metered, PodProxy, ProxyContext},
+    proxy::{connect_within, copy_metered, splice_metered, PodProxy, ProxyContext},
     state::{MeshState, Workload},
     stats::InboundCounters,
     tunnel::{
@@ -368,9 +368,7 @@ async fn deliver(
         ),
         _ => None,
     };
-    tokio::time::timeout(ctx.connect_timeout, socket.connect(target.into()))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+    connect_within(socket, target, ctx.connect_timeout).await
 }
 
 /// Relays between the client side and the app; false when it ended with an error, after which

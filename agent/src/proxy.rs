@@ -17,7 +17,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
@@ -285,7 +285,16 @@ async fn connect_upstream(
     destination: SocketAddrV4,
 ) -> io::Result<TcpStream> {
     let socket = pod.netns.upstream_socket(ctx.socket_mark).await?;
-    tokio::time::timeout(ctx.connect_timeout, socket.connect(destination.into()))
+    connect_within(socket, destination, ctx.connect_timeout).await
+}
+
+/// Connects `socket` to `destination`, failing with `TimedOut` after `limit`.
+pub async fn connect_within(
+    socket: TcpSocket,
+    destination: SocketAddrV4,
+    limit: Duration,
+) -> io::Result<TcpStream> {
+    tokio::time::timeout(limit, socket.connect(destination.into()))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }

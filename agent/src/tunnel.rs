@@ -37,6 +37,7 @@ use tracing::{debug, info};
 use crate::{
     identity::{CertificateStore, Identity, WorkloadCertificate},
     lock,
+    proxy::connect_within,
     state::Workload,
     stats::Stats,
 };
@@ -205,10 +206,8 @@ impl TunnelPool {
         socket_ref
             .set_tcp_user_timeout(Some(TUNNEL_KEEPALIVE * 3))
             .context("setting the tunnel socket's user timeout")?;
-        let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(address.into()))
+        let tcp = connect_within(socket, address, self.connect_timeout)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
-            .and_then(|connected| connected)
             .with_context(|| format!("connecting to the tunnel port {address}"))?;
         let tls = tokio::time::timeout(
             self.connect_timeout,
