@@ -83,6 +83,7 @@ fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
                 "flows": state.stats.snapshot(),
                 "inbound": state.stats.inbound_snapshot(),
                 "tunnels": &state.stats.tunnels,
+                "services": state.stats.services_snapshot(),
                 "certificates": state.certs.as_ref().map(|certs| certs.snapshot()),
             });
             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));

@@ -22,6 +22,7 @@ use crate::{
     datapath::{check_cgroup2_dir, Datapath},
     enrollment::{Enrollment, EnrollmentSettings, LISTENER_LINGER},
     identity::{CertificateStore, MeshCa},
+    l7::service::Services,
     proxy::ProxyContext,
     state::{MeshState, SharedState},
     stats::Stats,
@@ -89,12 +90,15 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let ctx = Arc::new(ProxyContext {
         datapath: Arc::clone(&datapath),
         stats: Arc::clone(&stats),
-        state: SharedState::new(MeshState::from_config(&config)),
+        state: SharedState::new(MeshState::from_config(&config, &Services::default())),
         tunnels,
         socket_mark: settings.socket_mark,
         delivery_mark: settings.delivery_mark,
         tunnel_port: settings.inbound_port,
         connect_timeout: settings.connect_timeout(),
+        protocol_detection_timeout: settings.protocol_detection_timeout(),
+        opaque_ports: settings.opaque_ports.clone(),
+        retry_body_limit: settings.retry_body_limit_bytes,
         local_pods: Default::default(),
         connections: TaskTracker::new(),
         abort: CancellationToken::new(),
@@ -158,8 +162,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         let Some(path) = &config_path else { continue };
         match reload(path, &config, &datapath) {
             Ok(Some(new)) => {
-                ctx.state
-                    .replace(MeshState::from_config(&in_force(&new, &startup)));
+                let previous = ctx.state.get();
+                ctx.state.replace(MeshState::from_config(
+                    &in_force(&new, &startup),
+                    &previous.services,
+                ));
                 enrollment.apply(&new).await;
                 config = new;
                 info!("configuration reloaded");

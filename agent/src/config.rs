@@ -13,7 +13,10 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use weft_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 
-use crate::policy::{validate_policies, AuthorizationPolicy};
+use crate::{
+    l7::route::{validate_routes, HttpRoute, ServicePortKey},
+    policy::{validate_policies, AuthorizationPolicy},
+};
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("../default-config.yaml");
 
@@ -35,6 +38,12 @@ pub struct Config {
     /// L4 authorization, shaped like a Kubernetes custom resource.
     #[serde(default)]
     pub policies: Vec<AuthorizationPolicy>,
+    /// Services: virtual IPs whose connections the agent balances across endpoints.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// HTTP routing for services, shaped like Gateway API's HTTPRoute.
+    #[serde(default)]
+    pub routes: Vec<HttpRoute>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -97,6 +106,16 @@ pub struct AgentSettings {
     /// SO_MARK of the sockets delivering inbound traffic to the app; replies to them are routed
     /// back to the agent by this mark.
     pub delivery_mark: u32,
+    /// How long a connection to a service port without a declared protocol may take to send
+    /// its first bytes before it is treated as opaque TCP (server-speaks-first protocols send
+    /// nothing, so they wait this long once per connection).
+    pub protocol_detection_timeout_ms: u64,
+    /// Service ports never inspected for HTTP: server-speaks-first protocols (SMTP, MySQL,
+    /// PostgreSQL, Redis, memcached, ...).
+    pub opaque_ports: Vec<u16>,
+    /// Request bodies up to this size are kept for replay by retries and mirroring; larger ones
+    /// stream through and are never retried.
+    pub retry_body_limit_bytes: usize,
 }
 
 impl Default for AgentSettings {
@@ -114,6 +133,9 @@ impl Default for AgentSettings {
             inbound_port: 15008,
             inbound_plaintext_port: 15006,
             delivery_mark: 0x5747,
+            protocol_detection_timeout_ms: 100,
+            opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
+            retry_body_limit_bytes: 64 * 1024,
         }
     }
 }
@@ -125,6 +147,10 @@ impl AgentSettings {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    pub fn protocol_detection_timeout(&self) -> Duration {
+        Duration::from_millis(self.protocol_detection_timeout_ms)
     }
 }
 
@@ -156,6 +182,115 @@ pub struct PeerSpec {
     #[serde(default = "default_service_account")]
     pub service_account: String,
     pub node: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A service: virtual IPs and ports in front of a set of endpoints, like a Kubernetes Service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Addresses clients connect to; they need not exist anywhere, as the agent answers for them.
+    pub vips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    /// Endpoints: the pods and peers of the service's namespace carrying all these labels...
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// ...and these addresses (workloads the config does not list, e.g. outside the mesh).
+    #[serde(default)]
+    pub endpoints: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub outlier_detection: OutlierSpec,
+    /// `null` switches the budget off: retries are then limited by attempts only.
+    #[serde(default = "default_retry_budget")]
+    pub retry_budget: Option<RetryBudgetSpec>,
+}
+
+fn default_retry_budget() -> Option<RetryBudgetSpec> {
+    Some(RetryBudgetSpec::default())
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    /// The endpoints' port; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    /// Skips protocol detection when given.
+    #[serde(default)]
+    pub protocol: Option<AppProtocol>,
+}
+
+impl ServicePort {
+    pub fn target_port(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 (or HTTP/2 with prior knowledge; the first bytes tell which).
+    Http,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// gRPC: HTTP/2 judged by `grpc-status`.
+    Grpc,
+    /// Opaque TCP: balanced per connection, never inspected.
+    Tcp,
+}
+
+/// Circuit breaking: endpoints failing in a row are ejected for a while.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierSpec {
+    pub consecutive_failures: u32,
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    /// With every endpoint ejected: `fail_open` keeps sending to them, `fail_closed` answers 503
+    /// (refuses opaque TCP).
+    pub when_all_ejected: WhenAllEjected,
+}
+
+impl Default for OutlierSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 1000,
+            max_ejection_ms: 60_000,
+            when_all_ejected: WhenAllEjected::FailOpen,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenAllEjected {
+    FailOpen,
+    FailClosed,
+}
+
+/// Retries to a service may add at most `ratio` of its recent requests, plus a floor.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetSpec {
+    pub ratio: f64,
+    pub min_per_second: u32,
+    pub window_ms: u64,
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_per_second: 10,
+            window_ms: 10_000,
+        }
+    }
 }
 
 fn default_service_account() -> String {
@@ -233,6 +368,14 @@ impl Config {
         if agent.connect_timeout_ms == 0 {
             bail!("agent.connect_timeout_ms must be greater than 0");
         }
+        if !(1..=10_000).contains(&agent.protocol_detection_timeout_ms) {
+            bail!("agent.protocol_detection_timeout_ms must be between 1 and 10000");
+        }
+        if agent.retry_body_limit_bytes > 16 * 1024 * 1024 {
+            bail!(
+                "agent.retry_body_limit_bytes must be at most 16 MiB (bodies are held in memory)"
+            );
+        }
         let ports = [
             ("outbound_port", agent.outbound_port),
             ("inbound_port", agent.inbound_port),
@@ -302,7 +445,78 @@ impl Config {
                 );
             }
         }
-        validate_policies(&self.policies)
+        validate_policies(&self.policies)?;
+        let service_ports = self.validate_services(&seen_ips)?;
+        validate_routes(&self.routes, &service_ports)
+    }
+
+    /// Returns every (namespace, name, port) defined, for checking routes.
+    fn validate_services(
+        &self,
+        workload_ips: &HashSet<Ipv4Addr>,
+    ) -> Result<HashSet<ServicePortKey>> {
+        let mut ports = HashSet::new();
+        let mut seen_names = HashSet::new();
+        let mut seen_vips = HashSet::new();
+        for (index, service) in self.services.iter().enumerate() {
+            let (namespace, name) = (&service.namespace, &service.name);
+            let entry = format!("services[{index}] ({namespace}/{name})");
+            if !is_dns_label(name) {
+                bail!("{entry}: name {name:?} is not a valid service name (DNS label)");
+            }
+            if !is_dns_label(namespace) {
+                bail!("{entry}: namespace {namespace:?} is not a DNS label");
+            }
+            if !seen_names.insert((namespace, name)) {
+                bail!("{entry}: the service is listed twice");
+            }
+            if service.vips.is_empty() {
+                bail!("{entry}: vips is empty; clients would have no address to connect to");
+            }
+            for vip in &service.vips {
+                if !seen_vips.insert(*vip) {
+                    bail!("{entry}: vip {vip} is already used by another service");
+                }
+                if workload_ips.contains(vip) {
+                    bail!("{entry}: vip {vip} is a workload's address");
+                }
+            }
+            if service.ports.is_empty() {
+                bail!("{entry}: ports is empty");
+            }
+            for (p, port) in service.ports.iter().enumerate() {
+                if port.port == 0 || port.target_port == Some(0) {
+                    bail!("{entry}: ports[{p}]: port 0 is not a port");
+                }
+                let key = ServicePortKey {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port: port.port,
+                };
+                if !ports.insert(key) {
+                    bail!("{entry}: ports[{p}]: port {} is listed twice", port.port);
+                }
+            }
+            if service.selector.is_empty() && service.endpoints.is_empty() {
+                bail!("{entry}: neither selector nor endpoints: the service could never have an endpoint");
+            }
+            let outlier = &service.outlier_detection;
+            if outlier.consecutive_failures == 0 {
+                bail!("{entry}: outlier_detection.consecutive_failures must be at least 1");
+            }
+            if outlier.base_ejection_ms == 0 || outlier.max_ejection_ms < outlier.base_ejection_ms {
+                bail!("{entry}: outlier_detection needs 0 < base_ejection_ms <= max_ejection_ms");
+            }
+            if let Some(budget) = &service.retry_budget {
+                if !(0.0..=1.0).contains(&budget.ratio) {
+                    bail!("{entry}: retry_budget.ratio must be between 0 and 1");
+                }
+                if budget.window_ms < 1000 {
+                    bail!("{entry}: retry_budget.window_ms must be at least 1000");
+                }
+            }
+        }
+        Ok(ports)
     }
 }
 

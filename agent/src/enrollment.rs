@@ -206,6 +206,7 @@ impl Enrollment {
             netns,
             identity: identity.clone(),
             transparent_delivery,
+            http: Default::default(),
         });
         let stop_accepting = CancellationToken::new();
         let ctx = &self.ctx;

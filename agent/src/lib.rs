@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod enrollment;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -15,8 +15,9 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,6 +27,7 @@ use crate::{
     config::PodId,
     datapath::Datapath,
     identity::Identity,
+    l7::pool::ConnectionPool,
     netns::PodNetns,
     state::SharedState,
     stats::{FlowCounters, Stats, Transport},
@@ -45,6 +47,12 @@ pub struct ProxyContext {
     pub delivery_mark: u32,
     pub tunnel_port: u16,
     pub connect_timeout: Duration,
+    /// How long a service connection may stay silent before it is taken for opaque TCP.
+    pub protocol_detection_timeout: Duration,
+    /// Service ports never inspected for HTTP.
+    pub opaque_ports: Vec<u16>,
+    /// Request bodies up to this size are held for retries and mirrors.
+    pub retry_body_limit: usize,
     /// Enrolled pods by IP, for delivering inbound streams.
     pub local_pods: RwLock<HashMap<Ipv4Addr, Arc<PodProxy>>>,
     /// Tracks open connections so shutdown can drain them.
@@ -68,6 +76,8 @@ pub struct PodProxy {
     pub identity: Option<Identity>,
     /// Inbound deliveries may use the client's address as source (see `inbound::deliver`).
     pub transparent_delivery: bool,
+    /// The pod's HTTP connections to service endpoints.
+    pub http: Arc<ConnectionPool>,
 }
 
 /// Accepts on one of a pod's listeners until `stop` is cancelled, serving each connection with
@@ -110,15 +120,6 @@ pub async fn serve_outbound(
     client: TcpStream,
     peer: SocketAddr,
 ) {
-    proxy_connection(&ctx, &pod, client, peer).await;
-}
-
-async fn proxy_connection(
-    ctx: &ProxyContext,
-    pod: &PodProxy,
-    mut client: TcpStream,
-    peer: SocketAddr,
-) {
     let SocketAddr::V4(peer) = peer else {
         warn!(pod = %pod.id, %peer, "unexpected IPv6 client on the IPv4 outbound listener");
         return;
@@ -129,7 +130,60 @@ async fn proxy_connection(
         let _ = client.set_zero_linger();
         return;
     };
+    let service = ctx.state.get().services.at(destination).cloned();
+    if let Some(entry) = service {
+        crate::l7::serve_service(ctx, pod, client, destination, entry).await;
+        return;
+    }
     let _ = client.set_nodelay(true);
+    match open_upstream(&ctx, &pod, destination).await {
+        Ok((upstream, transport)) => {
+            relay(
+                &ctx,
+                &pod,
+                client,
+                destination,
+                upstream,
+                transport,
+                Bytes::new(),
+            )
+            .await;
+        }
+        Err(err) => {
+            let transport = transport_to(&ctx, &pod, destination);
+            let flow = ctx.stats.flow(&pod.id, destination, transport);
+            flow.opened.fetch_add(1, Relaxed);
+            refuse(&pod, destination, &flow, &client, err);
+        }
+    }
+}
+
+/// A connection from a pod towards a destination, before any byte is relayed.
+pub enum Upstream {
+    Tunnel(TunnelStream),
+    Tcp(TcpStream),
+}
+
+/// How a connection from `pod` to `destination` leaves: through a tunnel when the destination is
+/// a meshed workload and the pod has an identity, else as plain TCP from inside the pod.
+fn transport_to(ctx: &ProxyContext, pod: &PodProxy, destination: SocketAddrV4) -> Transport {
+    let meshed = ctx.tunnels.is_some()
+        && pod.identity.is_some()
+        && ctx.state.get().workload(*destination.ip()).is_some();
+    if meshed {
+        Transport::Mtls
+    } else {
+        Transport::Plaintext
+    }
+}
+
+/// Opens the way from `pod` to `destination` (see [`transport_to`]), bounded by the connect
+/// timeout.
+pub async fn open_upstream(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    destination: SocketAddrV4,
+) -> Result<(Upstream, Transport), String> {
     let state = ctx.state.get();
     let meshed = ctx
         .tunnels
@@ -137,48 +191,71 @@ async fn proxy_connection(
         .zip(pod.identity.as_ref())
         .zip(state.workload(*destination.ip()));
     if let Some(((tunnels, source), workload)) = meshed {
-        let flow = ctx.stats.flow(&pod.id, destination, Transport::Mtls);
-        flow.opened.fetch_add(1, Relaxed);
         // Bounded: a stream that never opens (an unresponsive peer agent) fails like a connect.
-        let opened = tokio::time::timeout(
+        return tokio::time::timeout(
             ctx.connect_timeout,
             tunnels.open_stream(source, pod.ip, workload, destination),
         )
         .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("the tunnel stream did not open in time")));
-        match opened {
-            Ok(mut stream) => {
-                let result = splice_metered(
-                    ctx,
-                    &mut client,
-                    &mut stream,
-                    &flow.bytes_sent,
-                    &flow.bytes_received,
-                )
-                .await;
-                finish(pod, destination, &flow, &client, result);
-            }
-            Err(err) => refuse(pod, destination, &flow, &client, format!("{err:#}")),
-        }
-        return;
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the tunnel stream did not open in time")))
+        .map(|stream| (Upstream::Tunnel(stream), Transport::Mtls))
+        .map_err(|err| format!("{err:#}"));
     }
-    let flow = ctx.stats.flow(&pod.id, destination, Transport::Plaintext);
+    connect_upstream(ctx, pod, destination)
+        .await
+        .map(|stream| (Upstream::Tcp(stream), Transport::Plaintext))
+        .map_err(|err| err.to_string())
+}
+
+/// Relays between `client` and an opened upstream until both sides are done, first sending
+/// `prefix` (bytes already read from the client), counting it all under (pod, destination).
+pub async fn relay(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    mut client: TcpStream,
+    destination: SocketAddrV4,
+    upstream: Upstream,
+    transport: Transport,
+    prefix: Bytes,
+) {
+    let flow = ctx.stats.flow(&pod.id, destination, transport);
     flow.opened.fetch_add(1, Relaxed);
-    match connect_upstream(ctx, pod, destination).await {
-        Ok(mut upstream) => {
-            let result = copy_metered(
-                ctx,
-                &mut client,
-                &mut upstream,
-                &flow.bytes_sent,
-                &flow.bytes_received,
-            )
-            .await;
+    flow.bytes_sent.fetch_add(prefix.len() as u64, Relaxed);
+    match upstream {
+        Upstream::Tunnel(mut stream) => {
+            let result = match stream.send_prefix(prefix) {
+                Ok(()) => {
+                    splice_metered(
+                        ctx,
+                        &mut client,
+                        &mut stream,
+                        &flow.bytes_sent,
+                        &flow.bytes_received,
+                    )
+                    .await
+                }
+                Err(err) => Err(err),
+            };
+            finish(pod, destination, &flow, &client, result);
+        }
+        Upstream::Tcp(mut upstream) => {
+            let result = match upstream.write_all(&prefix).await {
+                Ok(()) => {
+                    copy_metered(
+                        ctx,
+                        &mut client,
+                        &mut upstream,
+                        &flow.bytes_sent,
+                        &flow.bytes_received,
+                    )
+                    .await
+                }
+                Err(err) => Err(err),
+            };
             if !finish(pod, destination, &flow, &client, result) {
                 let _ = upstream.set_zero_linger();
             }
         }
-        Err(err) => refuse(pod, destination, &flow, &client, err.to_string()),
     }
 }
 
@@ -279,7 +356,7 @@ pub async fn splice_metered(
     }
 }
 
-async fn connect_upstream(
+pub(crate) async fn connect_upstream(
     ctx: &ProxyContext,
     pod: &PodProxy,
     destination: SocketAddrV4,

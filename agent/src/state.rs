@@ -10,6 +10,7 @@ use std::{
 use crate::{
     config::{Config, InboundMode, PodId},
     identity::Identity,
+    l7::service::Services,
     policy::PolicySet,
 };
 
@@ -28,11 +29,13 @@ pub struct MeshState {
     pub node_name: String,
     workloads: HashMap<Ipv4Addr, Arc<Workload>>,
     pub policies: PolicySet,
+    pub services: Services,
 }
 
 impl MeshState {
-    /// Without an identity section there is no mesh: no workload is known, all traffic is L4.
-    pub fn from_config(config: &Config) -> Self {
+    /// Without an identity section there is no mesh: no workload is known, all traffic is L4
+    /// (services still balance, over plain TCP). `previous` carries the services' run-time state.
+    pub fn from_config(config: &Config, previous: &Services) -> Self {
         let node_name = config.agent.node_name.clone();
         let mut workloads = HashMap::new();
         if let Some(identity) = &config.identity {
@@ -66,6 +69,7 @@ impl MeshState {
             node_name,
             workloads,
             policies: PolicySet::new(&config.policies),
+            services: Services::build(config, previous),
         }
     }
 

@@ -81,9 +81,49 @@ pub struct TunnelCounters {
     pub connection_errors: AtomicU64,
 }
 
+/// Traffic to one service port, as the client side sees it.
+#[derive(Default, Serialize)]
+pub struct ServiceCounters {
+    /// HTTP requests from pods.
+    pub requests: AtomicU64,
+    /// Opaque TCP connections from pods.
+    pub connections: AtomicU64,
+    pub responses_1xx: AtomicU64,
+    pub responses_2xx: AtomicU64,
+    pub responses_3xx: AtomicU64,
+    pub responses_4xx: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    /// Answers made by the agent (no endpoint, deadline, timeouts, failed connects).
+    pub local_replies: AtomicU64,
+    pub retries: AtomicU64,
+    /// Retries the policy allowed but the retry budget refused.
+    pub retries_suppressed: AtomicU64,
+    /// Requests answered 504 because their deadline passed (on arrival or between tries).
+    pub deadline_exceeded: AtomicU64,
+    /// Requests or connections refused because no endpoint could take them.
+    pub no_endpoint: AtomicU64,
+    /// Endpoints of an opaque connection that refused it.
+    pub connect_failures: AtomicU64,
+    pub mirrored: AtomicU64,
+}
+
+impl ServiceCounters {
+    pub fn count_response(&self, status: http::StatusCode) {
+        let class = match status.as_u16() / 100 {
+            1 => &self.responses_1xx,
+            2 => &self.responses_2xx,
+            3 => &self.responses_3xx,
+            4 => &self.responses_4xx,
+            _ => &self.responses_5xx,
+        };
+        class.fetch_add(1, Relaxed);
+    }
+}
+
 #[derive(Default)]
 pub struct Stats {
     flows: Mutex<HashMap<(PodId, SocketAddrV4, Transport), Arc<FlowCounters>>>,
+    services: Mutex<HashMap<String, Arc<ServiceCounters>>>,
     inbound: Mutex<HashMap<PodId, Arc<InboundCounters>>>,
     pub tunnels: TunnelCounters,
     /// Connections accepted on a pod listener that the eBPF programs did not redirect.
@@ -103,6 +143,24 @@ impl Stats {
                 .entry((pod.clone(), destination, transport))
                 .or_default(),
         )
+    }
+
+    /// Counters of the service port `id` (`namespace/name:port`).
+    pub fn service(&self, id: &str) -> Arc<ServiceCounters> {
+        let mut services = lock(&self.services);
+        if let Some(counters) = services.get(id) {
+            return Arc::clone(counters);
+        }
+        Arc::clone(services.entry(id.to_owned()).or_default())
+    }
+
+    pub fn services_snapshot(&self) -> serde_json::Value {
+        let services = lock(&self.services);
+        let by_id: std::collections::BTreeMap<&str, &ServiceCounters> = services
+            .iter()
+            .map(|(id, counters)| (id.as_str(), counters.as_ref()))
+            .collect();
+        serde_json::to_value(by_id).unwrap_or_default()
     }
 
     pub fn inbound(&self, pod: &PodId) -> Arc<InboundCounters> {

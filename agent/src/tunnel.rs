@@ -12,10 +12,12 @@ use std::{
     future::poll_fn,
     io,
     net::{Ipv4Addr, SocketAddrV4},
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
+    task::{ready, Poll},
     time::Duration,
 };
 
@@ -25,7 +27,7 @@ use h2::{client::SendRequest, Reason, RecvStream, SendStream};
 use http::{header::HeaderValue, Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf},
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpSocket, TcpStream,
@@ -283,6 +285,107 @@ impl TunnelStream {
     /// Ends the stream abnormally, so the peer resets its side instead of seeing a clean end.
     pub fn reset(&mut self, reason: Reason) {
         self.send.send_reset(reason);
+    }
+
+    /// Queues bytes already read from the client ahead of what the splice relays (h2 holds
+    /// them until the peer's window opens).
+    pub fn send_prefix(&mut self, prefix: Bytes) -> io::Result<()> {
+        if prefix.is_empty() {
+            return Ok(());
+        }
+        self.send.send_data(prefix, false).map_err(h2_error)
+    }
+
+    /// The stream as a byte stream, for an HTTP client or server running inside it.
+    pub fn into_io(self) -> TunnelIo {
+        TunnelIo {
+            stream: self,
+            unread: Bytes::new(),
+        }
+    }
+}
+
+/// A tunnel stream read and written as bytes. Received data is acknowledged to the peer's flow
+/// control as soon as it is read.
+pub struct TunnelIo {
+    stream: TunnelStream,
+    /// The part of the last DATA frame not yet read.
+    unread: Bytes,
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.unread.is_empty() {
+            match ready!(self.stream.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    self.stream
+                        .recv
+                        .flow_control()
+                        .release_capacity(data.len())
+                        .map_err(h2_error)?;
+                    self.unread = data;
+                }
+                Some(Err(err)) => return Poll::Ready(Err(h2_error(err))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.unread.len().min(buf.remaining());
+        buf.put_slice(&self.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.stream.send;
+        if send.capacity() == 0 {
+            send.reserve_capacity(buf.len().min(MAX_FRAME_BYTES as usize));
+            loop {
+                match ready!(send.poll_capacity(cx)) {
+                    Some(Ok(0)) => continue,
+                    Some(Ok(_)) => break,
+                    Some(Err(err)) => return Poll::Ready(Err(h2_error(err))),
+                    None => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the tunnel stream closed",
+                        )))
+                    }
+                }
+            }
+        }
+        let n = send.capacity().min(buf.len());
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// h2's connection task writes queued frames out; nothing is buffered here.
+    fn poll_flush(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(
+            self.stream
+                .send
+                .send_data(Bytes::new(), true)
+                .map_err(h2_error),
+        )
     }
 }
 

@@ -1,0 +1,514 @@
+//! The HTTP proxy for connections to a service: each request is routed, sent to an endpoint
+//! the balancer picks, and retried within the route's policy, the service's retry budget and
+//! the request's deadline.
+//!
+//! One request's path: [`serve`] runs hyper's server on the client connection → [`handle`]
+//! checks the deadline, selects the route rule and reads the body for replay → [`forward`]
+//! loops over tries: pick an endpoint, send it through the pod's [`ConnectionPool`], judge the
+//! outcome, and either answer or back off and try another endpoint.
+use std::{
+    convert::Infallible,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{
+    header::{self, HeaderName, HeaderValue},
+    request::Parts,
+    HeaderMap, Request, Response, StatusCode,
+};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{body::Incoming, server::conn, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use super::{
+    body::BufferedBody,
+    deadline::{request_deadline, set_deadline},
+    detect::{Prefixed, Protocol},
+    pool::SendError,
+    retry::{Outcome, RETRIES_EXHAUSTED},
+    service::{CompiledRule, ServiceBackend, ServicePortEntry},
+};
+use crate::{
+    proxy::{PodProxy, ProxyContext},
+    stats::ServiceCounters,
+};
+
+/// The largest request head accepted from a pod; larger ones get 431.
+const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+/// A mirrored request that takes longer than this is abandoned.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Serves HTTP on a client connection to the service port `entry` until the client closes it
+/// or the agent's drain period ends.
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    client: Prefixed<TcpStream>,
+    protocol: Protocol,
+    entry: Arc<ServicePortEntry>,
+) {
+    let service = {
+        let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
+        service_fn(move |request| {
+            let (ctx, pod, entry) = (Arc::clone(&ctx), Arc::clone(&pod), Arc::clone(&entry));
+            async move { Ok::<_, Infallible>(handle(&ctx, &pod, &entry, request).await) }
+        })
+    };
+    let io = TokioIo::new(client);
+    let served = if protocol == Protocol::Http2 {
+        let connection = conn::http2::Builder::new(TokioExecutor::new())
+            .max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32)
+            .serve_connection(io, service);
+        tokio::select! {
+            served = connection => served,
+            () = ctx.abort.cancelled() => return,
+        }
+    } else {
+        let connection = conn::http1::Builder::new()
+            .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::select! {
+            served = connection => served,
+            () = ctx.abort.cancelled() => return,
+        }
+    };
+    if let Err(err) = served {
+        // Malformed requests and oversized heads were answered (400/431) by hyper before this.
+        info!(pod = %pod.id, error = %err, "HTTP connection from the pod ended with an error");
+    }
+}
+
+/// Answers one request from the pod.
+async fn handle(
+    ctx: &Arc<ProxyContext>,
+    pod: &Arc<PodProxy>,
+    entry: &ServicePortEntry,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let counters = ctx.stats.service(&entry.backend.id);
+    counters.requests.fetch_add(1, Relaxed);
+    let now = SystemTime::now();
+    let deadline = match request_deadline(request.headers(), now) {
+        Ok(deadline) => deadline,
+        Err(err) => {
+            return local_reply(StatusCode::BAD_REQUEST, &format!("{err}"), &counters);
+        }
+    };
+    if deadline.is_some_and(|d| d <= now) {
+        counters.deadline_exceeded.fetch_add(1, Relaxed);
+        return local_reply(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the request's deadline had passed",
+            &counters,
+        );
+    }
+    let Some(rule) = entry.select(request.method(), request.uri().path(), request.headers()) else {
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            "no route rule matches the request",
+            &counters,
+        );
+    };
+    let deadline = match (deadline, rule.timeouts.request) {
+        (Some(d), Some(t)) => Some(d.min(now + t)),
+        (d, t) => d.or_else(|| t.map(|t| now + t)),
+    };
+    if request.headers().contains_key(header::UPGRADE) {
+        return forward_upgrade(ctx, pod, rule, request, &counters).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = match BufferedBody::read(body, ctx.retry_body_limit).await {
+        Ok(body) => body,
+        Err(err) => {
+            debug!(pod = %pod.id, error = %err, "reading a request body failed");
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+                &counters,
+            );
+        }
+    };
+    if let Some(mirror) = &rule.mirror {
+        if let Some(copy) = body.replay() {
+            mirror_request(ctx, pod, mirror, &parts, copy, deadline, &counters);
+        }
+    }
+    forward(ctx, pod, rule, parts, body, deadline, &counters).await
+}
+
+/// Tries the request on endpoints of a backend the rule picks until it succeeds, the policy
+/// or budget allows no more tries, or the deadline passes.
+async fn forward(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    rule: &CompiledRule,
+    parts: Parts,
+    body: BufferedBody,
+    deadline: Option<SystemTime>,
+    counters: &ServiceCounters,
+) -> Response<ProxyBody> {
+    let backend = rule.pick_backend();
+    let policy = &rule.retry;
+    let started = Instant::now();
+    if let Some(budget) = &backend.budget {
+        budget.record_request(started);
+    }
+    let replayable = body.replay().is_some();
+    let mut body = Some(body);
+    let mut avoid = Vec::new();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let remaining = match deadline.map(|d| d.duration_since(SystemTime::now())) {
+            Some(Err(_)) => {
+                counters.deadline_exceeded.fetch_add(1, Relaxed);
+                return local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the request's deadline passed",
+                    counters,
+                );
+            }
+            Some(Ok(remaining)) => Some(remaining),
+            None => None,
+        };
+        let pick = match backend.balancer.pick(&avoid, Instant::now()) {
+            Ok(pick) => pick,
+            Err(err) => {
+                counters.no_endpoint.fetch_add(1, Relaxed);
+                return local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{}: {err}", backend.id),
+                    counters,
+                );
+            }
+        };
+        let endpoint = pick.endpoint();
+        let request_body = match (replayable, &body) {
+            (true, Some(buffered)) => buffered.replay(),
+            _ => body.take().map(BufferedBody::into_stream),
+        };
+        let Some(request_body) = request_body else {
+            // Unreachable: a body that streams is sent once, and then no retry is allowed.
+            return local_reply(
+                StatusCode::BAD_GATEWAY,
+                "the request body was already sent",
+                counters,
+            );
+        };
+        let mut upstream = Request::from_parts(parts.clone(), request_body);
+        if let Some(deadline) = deadline {
+            set_deadline(upstream.headers_mut(), deadline, SystemTime::now());
+        }
+        let per_try = match (policy.per_try_timeout, remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sent_at = Instant::now();
+        let send = pod.http.send(ctx, pod, endpoint, upstream);
+        let result = match per_try {
+            Some(limit) => tokio::time::timeout(limit, send).await.ok(),
+            None => Some(send.await),
+        };
+        let latency = sent_at.elapsed();
+        let (outcome, response) = match &result {
+            None => (Outcome::PerTryTimeout, None),
+            Some(Err(SendError::Connect(_))) => (Outcome::ConnectFailure, None),
+            Some(Err(SendError::Reset(_))) => (Outcome::ResetBeforeResponse, None),
+            Some(Ok((response, _))) => (
+                Outcome::Response {
+                    status: response.status(),
+                    headers: response.headers(),
+                },
+                Some(response.status()),
+            ),
+        };
+        let failed = response.is_none_or(|status| status.is_server_error());
+        let retry_allowed = policy.should_retry(&parts.method, &outcome);
+        if failed {
+            pick.failure(latency, Instant::now());
+        } else {
+            pick.success(latency, Instant::now());
+        }
+        let more_tries = tries < policy.attempts && replayable;
+        let retry = retry_allowed
+            && more_tries
+            && match &backend.budget {
+                Some(budget) => {
+                    let granted = budget.try_retry(Instant::now());
+                    if !granted {
+                        counters.retries_suppressed.fetch_add(1, Relaxed);
+                    }
+                    granted
+                }
+                None => true,
+            };
+        if retry {
+            counters.retries.fetch_add(1, Relaxed);
+            avoid.push(endpoint);
+            let mut pause = policy.backoff(tries);
+            if let Some(deadline) = deadline {
+                pause = pause.min(
+                    deadline
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default(),
+                );
+            }
+            debug!(pod = %pod.id, service = %backend.id, %endpoint, tries, ?pause, "retrying");
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        // This agent would have retried but may not: callers further up must not retry either,
+        // or retries multiply hop by hop.
+        let exhausted = retry_allowed;
+        return match result {
+            Some(Ok((response, _))) => {
+                counters.count_response(response.status());
+                let mut response = response.map(|body| body.boxed());
+                if exhausted {
+                    response
+                        .headers_mut()
+                        .insert(RETRIES_EXHAUSTED, HeaderValue::from_static("1"));
+                }
+                response
+            }
+            failure => {
+                let (status, reason) = match failure {
+                    None => (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("{endpoint} did not answer in time"),
+                    ),
+                    Some(Err(SendError::Connect(err))) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("connecting to {endpoint}: {err:#}"),
+                    ),
+                    Some(Err(SendError::Reset(err))) => (
+                        StatusCode::BAD_GATEWAY,
+                        format!("{endpoint} failed before answering: {err}"),
+                    ),
+                    Some(Ok(_)) => (StatusCode::BAD_GATEWAY, String::new()),
+                };
+                info!(pod = %pod.id, service = %backend.id, tries, error = %reason, "request failed");
+                let mut response = local_reply(status, &reason, counters);
+                if exhausted {
+                    response
+                        .headers_mut()
+                        .insert(RETRIES_EXHAUSTED, HeaderValue::from_static("1"));
+                }
+                response
+            }
+        };
+    }
+}
+
+/// Sends a copy of the request to the mirror backend in the background; its answer and
+/// failures never reach the caller.
+fn mirror_request(
+    ctx: &Arc<ProxyContext>,
+    pod: &Arc<PodProxy>,
+    mirror: &Arc<ServiceBackend>,
+    parts: &Parts,
+    body: super::body::ReplayBody,
+    deadline: Option<SystemTime>,
+    counters: &ServiceCounters,
+) {
+    let Ok(pick) = mirror.balancer.pick(&[], Instant::now()) else {
+        return;
+    };
+    counters.mirrored.fetch_add(1, Relaxed);
+    let mut request = Request::from_parts(parts.clone(), body);
+    if let Some(deadline) = deadline {
+        set_deadline(request.headers_mut(), deadline, SystemTime::now());
+    }
+    let (ctx, pod, mirror) = (Arc::clone(ctx), Arc::clone(pod), Arc::clone(mirror));
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let endpoint = pick.endpoint();
+        let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
+            let (response, _) = pod.http.send(&ctx, &pod, endpoint, request).await.ok()?;
+            let status = response.status();
+            // Read to the end so the connection can serve the next mirrored request.
+            response.into_body().collect().await.ok()?;
+            Some(status)
+        })
+        .await;
+        match sent {
+            Ok(Some(status)) if !status.is_server_error() => {
+                pick.success(started.elapsed(), Instant::now())
+            }
+            _ => pick.failure(started.elapsed(), Instant::now()),
+        }
+        debug!(service = %mirror.id, %endpoint, "mirrored request done");
+    });
+}
+
+/// Forwards a request asking to switch protocols (WebSocket, h2c upgrade): once the endpoint
+/// agrees (101), both connections are handed over and their bytes copied both ways. Never
+/// retried: the request starts a conversation, not an exchange.
+async fn forward_upgrade(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    rule: &CompiledRule,
+    mut request: Request<Incoming>,
+    counters: &ServiceCounters,
+) -> Response<ProxyBody> {
+    let backend = rule.pick_backend();
+    let pick = match backend.balancer.pick(&[], Instant::now()) {
+        Ok(pick) => pick,
+        Err(err) => {
+            counters.no_endpoint.fetch_add(1, Relaxed);
+            let reason = format!("{}: {err}", backend.id);
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, &reason, counters);
+        }
+    };
+    let endpoint = pick.endpoint();
+    let client_side = hyper::upgrade::on(&mut request);
+    let (parts, body) = request.into_parts();
+    let body = BufferedBody::read(body, 0).await;
+    let Ok(body) = body else {
+        return local_reply(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+            counters,
+        );
+    };
+    let started = Instant::now();
+    let sent = pod
+        .http
+        .send(
+            ctx,
+            pod,
+            endpoint,
+            Request::from_parts(parts, body.into_stream()),
+        )
+        .await;
+    let mut response = match sent {
+        Ok((response, _)) => response,
+        Err(SendError::Connect(err)) => {
+            pick.failure(started.elapsed(), Instant::now());
+            let reason = format!("connecting to {endpoint}: {err:#}");
+            return local_reply(StatusCode::SERVICE_UNAVAILABLE, &reason, counters);
+        }
+        Err(SendError::Reset(err)) => {
+            pick.failure(started.elapsed(), Instant::now());
+            let reason = format!("{endpoint} failed before answering: {err}");
+            return local_reply(StatusCode::BAD_GATEWAY, &reason, counters);
+        }
+    };
+    pick.success(started.elapsed(), Instant::now());
+    counters.count_response(response.status());
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_side = hyper::upgrade::on(&mut response);
+        let abort = ctx.abort.clone();
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
+                Ok(both) => both,
+                Err(err) => {
+                    debug!(%endpoint, error = %err, "protocol switch did not complete");
+                    return;
+                }
+            };
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                    if let Err(err) = copied {
+                        debug!(%endpoint, error = %err, "switched-protocol connection ended with an error");
+                    }
+                }
+                () = abort.cancelled() => {}
+            }
+        });
+    }
+    response.map(|body| body.boxed())
+}
+
+/// An answer made by the agent itself, counted and marked so it is told apart from the app's.
+pub fn local_reply(
+    status: StatusCode,
+    reason: &str,
+    counters: &ServiceCounters,
+) -> Response<ProxyBody> {
+    counters.count_response(status);
+    counters.local_replies.fetch_add(1, Relaxed);
+    let body = Full::new(Bytes::from(format!("{reason}\n")))
+        .map_err(|never: Infallible| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response.headers_mut().insert(
+        HeaderName::from_static("x-weft-local-reply"),
+        HeaderValue::from_static("1"),
+    );
+    response
+}
+
+/// Headers of one connection, not of the request (RFC 9110 §7.6.1): never forwarded.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    // `te: trailers` is how gRPC clients say they accept trailers; any other value is hop-by-hop.
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert("x-weft-deadline", "1".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-weft-deadline"]);
+        headers.insert(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        assert!(!headers.contains_key(header::TE));
+    }
+
+    #[test]
+    fn local_replies_are_counted_and_marked() {
+        let counters = ServiceCounters::default();
+        let response = local_reply(StatusCode::SERVICE_UNAVAILABLE, "none", &counters);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["x-weft-local-reply"], "1");
+        assert_eq!(counters.local_replies.load(Relaxed), 1);
+        assert_eq!(counters.responses_5xx.load(Relaxed), 1);
+    }
+}

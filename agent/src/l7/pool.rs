@@ -1,0 +1,302 @@
+//! HTTP connections from one pod to service endpoints, reused across requests: HTTP/1.1
+//! connections wait idle between requests (one request at a time each), one HTTP/2 connection
+//! per endpoint carries every concurrent request. A connection to a meshed endpoint is a
+//! stream of the pod's mTLS tunnel; to anything else, plain TCP from inside the pod.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddrV4,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use anyhow::{anyhow, Result};
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tracing::debug;
+
+use super::body::ReplayBody;
+use crate::{
+    lock,
+    proxy::{connect_upstream, PodProxy, ProxyContext},
+    stats::Transport,
+    tunnel::TunnelIo,
+};
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed once their request is done.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+/// How a request failed before a response arrived, as retries need to know it.
+pub enum SendError {
+    /// No connection could be made: the request never reached the endpoint.
+    Connect(anyhow::Error),
+    /// The connection failed after the request may have been sent.
+    Reset(hyper::Error),
+}
+
+/// Either kind of connection to an endpoint.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tunnel(TunnelIo),
+}
+
+#[derive(Default)]
+pub struct ConnectionPool {
+    idle_http1: Mutex<HashMap<SocketAddrV4, Vec<IdleHttp1>>>,
+    http2: Mutex<HashMap<SocketAddrV4, Http2Slot>>,
+}
+
+/// An HTTP/1.1 connection waiting for its next request, and how it reaches its endpoint.
+type IdleHttp1 = (http1::SendRequest<ReplayBody>, Transport);
+
+type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReplayBody>>>>;
+
+impl ConnectionPool {
+    /// Sends `request` to `endpoint` in the HTTP version of the request; the response body
+    /// returns its HTTP/1.1 connection to the pool once read to the end.
+    pub async fn send(
+        self: &Arc<Self>,
+        ctx: &ProxyContext,
+        pod: &PodProxy,
+        endpoint: SocketAddrV4,
+        mut request: Request<ReplayBody>,
+    ) -> Result<(Response<PooledBody>, Transport), SendError> {
+        if request.version() == Version::HTTP_2 {
+            let (mut sender, transport) = self.http2_sender(ctx, pod, endpoint).await?;
+            let response = sender.send_request(request).await.map_err(classify)?;
+            return Ok((
+                response.map(|inner| PooledBody {
+                    inner,
+                    release: None,
+                }),
+                transport,
+            ));
+        }
+        *request.version_mut() = Version::HTTP_11;
+        let (mut sender, transport) = match self.idle_http1(endpoint) {
+            Some(idle) => idle,
+            None => {
+                let (io, transport) = connect(ctx, pod, endpoint).await?;
+                let (sender, connection) = http1::handshake(TokioIo::new(io))
+                    .await
+                    .map_err(|err| SendError::Connect(err.into()))?;
+                tokio::spawn(async move {
+                    if let Err(err) = connection.with_upgrades().await {
+                        debug!(%endpoint, error = %err, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                (sender, transport)
+            }
+        };
+        sender.ready().await.map_err(classify)?;
+        let response = sender.send_request(request).await.map_err(classify)?;
+        let release = Some(Release {
+            pool: Arc::clone(self),
+            endpoint,
+            sender,
+            transport,
+        });
+        let mut response = response.map(|inner| PooledBody { inner, release });
+        // A bodiless response (HEAD, 204, 304) is never polled to its end.
+        if response.body().inner.is_end_stream() {
+            response.body_mut().release();
+        }
+        Ok((response, transport))
+    }
+
+    fn idle_http1(
+        &self,
+        endpoint: SocketAddrV4,
+    ) -> Option<(http1::SendRequest<ReplayBody>, Transport)> {
+        let mut idle = lock(&self.idle_http1);
+        let senders = idle.get_mut(&endpoint)?;
+        while let Some((sender, transport)) = senders.pop() {
+            if !sender.is_closed() {
+                return Some((sender, transport));
+            }
+        }
+        None
+    }
+
+    async fn http2_sender(
+        &self,
+        ctx: &ProxyContext,
+        pod: &PodProxy,
+        endpoint: SocketAddrV4,
+    ) -> Result<(http2::SendRequest<ReplayBody>, Transport), SendError> {
+        let slot = Arc::clone(lock(&self.http2).entry(endpoint).or_default());
+        // Concurrent first requests wait for one dial instead of each opening a connection.
+        let mut slot = slot.lock().await;
+        if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Ok((sender.clone(), transport_of(ctx, pod, endpoint)));
+        }
+        let (io, transport) = connect(ctx, pod, endpoint).await?;
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|err| SendError::Connect(err.into()))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(%endpoint, error = %err, "upstream HTTP/2 connection ended");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok((sender, transport))
+    }
+}
+
+/// A hyper error before any response: cancelled requests were never written, so they count as
+/// connect failures (safe to retry whatever the method).
+fn classify(err: hyper::Error) -> SendError {
+    if err.is_canceled() {
+        SendError::Connect(err.into())
+    } else {
+        SendError::Reset(err)
+    }
+}
+
+fn transport_of(ctx: &ProxyContext, pod: &PodProxy, endpoint: SocketAddrV4) -> Transport {
+    let meshed = ctx.tunnels.is_some()
+        && pod.identity.is_some()
+        && ctx.state.get().workload(*endpoint.ip()).is_some();
+    if meshed {
+        Transport::Mtls
+    } else {
+        Transport::Plaintext
+    }
+}
+
+/// A connection to `endpoint` as `pod`: a tunnel stream when the endpoint is a meshed workload,
+/// else TCP from inside the pod.
+async fn connect(
+    ctx: &ProxyContext,
+    pod: &PodProxy,
+    endpoint: SocketAddrV4,
+) -> Result<(UpstreamIo, Transport), SendError> {
+    let state = ctx.state.get();
+    let meshed = ctx
+        .tunnels
+        .as_ref()
+        .zip(pod.identity.as_ref())
+        .zip(state.workload(*endpoint.ip()));
+    if let Some(((tunnels, source), workload)) = meshed {
+        let stream = tokio::time::timeout(
+            ctx.connect_timeout,
+            tunnels.open_stream(source, pod.ip, workload, endpoint),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("the tunnel stream did not open in time")))
+        .map_err(SendError::Connect)?;
+        return Ok((UpstreamIo::Tunnel(stream.into_io()), Transport::Mtls));
+    }
+    let stream = connect_upstream(ctx, pod, endpoint).await.map_err(|err| {
+        SendError::Connect(anyhow!(err).context(format!("connecting to {endpoint}")))
+    })?;
+    let _ = stream.set_nodelay(true);
+    Ok((UpstreamIo::Tcp(stream), Transport::Plaintext))
+}
+
+/// Gives an HTTP/1.1 connection back to the pool when its response has been read.
+struct Release {
+    pool: Arc<ConnectionPool>,
+    endpoint: SocketAddrV4,
+    sender: http1::SendRequest<ReplayBody>,
+    transport: Transport,
+}
+
+/// An endpoint's response body; see [`ConnectionPool::send`].
+pub struct PooledBody {
+    inner: Incoming,
+    release: Option<Release>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        let Some(release) = self.release.take() else {
+            return;
+        };
+        if release.sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&release.pool.idle_http1);
+        let senders = idle.entry(release.endpoint).or_default();
+        if senders.len() < MAX_IDLE_PER_ENDPOINT {
+            senders.push((release.sender, release.transport));
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
