@@ -63,6 +63,10 @@ pub struct Mesh {
     pub workloads: Vec<MeshWorkload>,
     /// The `policies:` list as YAML items (`  - metadata: ...`), or empty.
     pub policies: String,
+    /// The `services:` list as YAML items, or empty.
+    pub services: String,
+    /// The `routes:` list as YAML items, or empty.
+    pub routes: String,
 }
 
 impl Mesh {
@@ -87,6 +91,8 @@ impl Mesh {
             identity_extra: String::new(),
             workloads,
             policies: String::new(),
+            services: String::new(),
+            routes: String::new(),
         }
     }
 
@@ -122,15 +128,15 @@ impl Mesh {
             .filter(|w| w.node != node.name)
             .map(|w| {
                 format!(
-                    "  - {{name: {}, namespace: lab, ip: {}, service_account: {}, node: {}}}\n",
-                    w.pod.name, w.pod.ip, w.service_account, w.node
+                    "  - {{name: {}, namespace: lab, ip: {}, service_account: {}, node: {}, labels: {}}}\n",
+                    w.pod.name, w.pod.ip, w.service_account, w.node, w.labels
                 )
             })
             .collect();
         format!(
             "agent:\n  cgroup_path: {}\n  admin_addr: {ADMIN_ADDR}\n  drain_timeout_ms: 3000\n  node_name: {}\n\
              identity:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n{}\
-             pods:{}\npeers:{}\npolicies:{}\n",
+             pods:{}\npeers:{}\npolicies:{}\nservices:{}\nroutes:{}\n",
             node.pods_cgroup.display(),
             node.name,
             self.ca_cert.display(),
@@ -139,6 +145,8 @@ impl Mesh {
             yaml_list(&pods.concat()),
             yaml_list(&peers.concat()),
             yaml_list(&self.policies),
+            yaml_list(&self.services),
+            yaml_list(&self.routes),
         )
     }
 }

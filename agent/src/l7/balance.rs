@@ -40,7 +40,9 @@ const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// often fast (refused, reset, an immediate 503); counted at their own latency they would make a
 /// failing endpoint look like the fastest and draw more traffic. Doubling per failure sheds
 /// traffic from an endpoint that fails intermittently, which consecutive-failure ejection alone
-/// never catches, and successes bring the estimate back within a few DECAYs.
+/// never catches, and successes bring the estimate back within a few DECAYs. After a short
+/// ejection the inflated estimate also makes a restored endpoint ramp up rather than take a full
+/// share at once.
 const FAILURE_PENALTY: f64 = 2.0;
 
 /// Floor of the estimate: keeps in-flight counts meaningful (a zero estimate would make every
@@ -104,6 +106,7 @@ impl Error for NoEndpoint {}
 /// A snapshot of one endpoint, for the admin endpoint and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EndpointView {
+    /// The endpoint's address.
     pub addr: SocketAddrV4,
     /// Latency estimate as of the endpoint's last response (picks also decay it with idle time).
     pub ewma_latency: Duration,
@@ -349,7 +352,8 @@ impl State {
         let endpoint = find(&mut self.endpoints, pick.id, pick.slot)?;
         endpoint.in_flight = endpoint.in_flight.saturating_sub(1);
         // Picks made before the endpoint's last ejection or restoration say nothing about its
-        // current state: the requests in flight when it was ejected must not eject it again.
+        // current state: the requests still in flight when it was ejected must not count against
+        // it once its probe has put it back.
         let current = pick.epoch == endpoint.epoch;
         if pick.probe && current {
             // Reported or dropped, the probe is over; if dropped, the next pick probes again.
@@ -452,8 +456,8 @@ fn p2c(
 }
 
 /// The better of two endpoints. One awaiting its probe wins: a single request settles its
-/// health, whereas the estimate inflated by the failures that ejected it would keep it unpicked
-/// for long. Otherwise the cheaper wins, `x` on a tie (x is the first random draw, so ties
+/// health, which its estimate, inflated by the failures that ejected it, could otherwise leave
+/// unknown for long. Otherwise the cheaper wins, `x` on a tie (x is the first random draw, so ties
 /// break randomly).
 fn better(endpoints: &[Endpoint], x: usize, y: usize, now: Instant) -> usize {
     let (ex, ey) = (&endpoints[x], &endpoints[y]);
@@ -512,12 +516,11 @@ impl PeakEwma {
 
     /// The estimate decayed toward zero by the time since the last sample.
     fn at(&self, now: Instant) -> f64 {
-        match self.updated {
-            Some(updated) => (self.estimate_ns
-                * decay_weight(now.saturating_duration_since(updated)))
-            .max(nanos(MIN_ESTIMATE)),
-            None => self.estimate_ns,
-        }
+        let Some(updated) = self.updated else {
+            return self.estimate_ns;
+        };
+        let decayed = self.estimate_ns * decay_weight(now.saturating_duration_since(updated));
+        decayed.max(nanos(MIN_ESTIMATE))
     }
 }
 
@@ -1008,20 +1011,30 @@ mod tests {
         let a = ep(1);
         let balancer = Balancer::new(vec![a], ejecting_after(2));
         let now = Instant::now();
-        let mut held: Vec<Pick> = (0..4)
+        let mut held: Vec<Pick> = (0..6)
             .map(|_| balancer.pick(&[], now).expect("an endpoint"))
             .collect();
         for pick in held.drain(..2) {
             pick.failure(ms(1), now);
         }
-        let until = view(&balancer, a).ejected_until;
-        assert!(until.is_some());
-        for pick in held.drain(..) {
+        let until = view(&balancer, a).ejected_until.expect("ejected");
+        // While it is ejected...
+        for pick in held.drain(..2) {
             pick.failure(ms(1), now + ms(1));
         }
-        assert_eq!(view(&balancer, a).ejected_until, until);
-        assert_eq!(view(&balancer, a).ejections, 1);
-        assert_eq!(view(&balancer, a).in_flight, 0);
+        assert_eq!(view(&balancer, a).ejected_until, Some(until));
+        // ... and once its probe has put it back.
+        let probe = balancer.pick(&[], until).expect("an endpoint");
+        assert!(probe.is_probe());
+        probe.success(ms(1), until);
+        for pick in held.drain(..) {
+            pick.failure(ms(1), until);
+        }
+        let a_view = view(&balancer, a);
+        assert_eq!(a_view.ejected_until, None);
+        assert_eq!(a_view.consecutive_failures, 0);
+        assert_eq!(a_view.ejections, 1);
+        assert_eq!(a_view.in_flight, 0);
     }
 
     #[test]
