@@ -3,6 +3,7 @@
 //! (`weft-testapp`) and agents on two nodes (need root).
 use std::{
     process::{Child, Stdio},
+    thread,
     time::Duration,
 };
 
@@ -31,7 +32,15 @@ impl App {
     fn serve(pod: &Pod, name: &str, args: &[&str]) -> Result<Self> {
         let listen = format!("0.0.0.0:{APP_PORT}");
         let stats = format!("127.0.0.1:{STATS_PORT}");
-        let mut all = vec!["serve", "--listen", &listen, "--name", name, "--stats-listen", &stats];
+        let mut all = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--name",
+            name,
+            "--stats-listen",
+            &stats,
+        ];
         all.extend_from_slice(args);
         Self::start(pod, &all, APP_PORT)
     }
@@ -153,7 +162,14 @@ fn http_requests_to_a_service_are_balanced_across_its_endpoints() -> Result<()> 
     let (one, two) = (App::serve(b1, "one", &[])?, App::serve(b2, "two", &[])?);
     let summary = load(
         a1,
-        &["--url", "http://10.96.0.10/", "--requests", "400", "--concurrency", "4"],
+        &[
+            "--url",
+            "http://10.96.0.10/",
+            "--requests",
+            "400",
+            "--concurrency",
+            "4",
+        ],
     )?;
     ensure!(status_count(&summary, 200) == 400, "{summary}");
     let (n1, n2) = (one.requests()?, two.requests()?);
@@ -164,5 +180,475 @@ fn http_requests_to_a_service_are_balanced_across_its_endpoints() -> Result<()> 
         counters["requests"] == 400 && counters["responses_2xx"] == 400,
         "the client's agent counted {counters}"
     );
+    Ok(())
+}
+
+/// A `services:` entry with its own `ports` list (a YAML flow sequence).
+fn service_with_ports(name: &str, vip: &str, app: &str, ports: &str, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    namespace: lab\n    vips: [{vip}]\n    ports: {ports}\n    selector: {{app: {app}}}\n{extra}"
+    )
+}
+
+/// Sets the labels of `pod`'s workload (a YAML flow mapping).
+fn label(mesh: &mut Mesh, pod: &str, labels: &str) -> Result<()> {
+    mesh.workload_mut(pod)?.labels = Box::leak(labels.to_owned().into_boxed_str());
+    Ok(())
+}
+
+/// A raw TCP client run by perl inside a pod (so the pod's capture applies), bounded to 5 s.
+/// `banner ADDR`: times the first line the server sends after connecting, then checks that a
+/// line sent is echoed. `send ADDR`: writes stdin, half-closes nothing, and prints everything
+/// read until the peer closes.
+const RAW_CLIENT: &str = r#"
+use strict; use warnings; use IO::Socket::INET; use Time::HiRes qw(time);
+my ($mode, $addr) = @ARGV;
+$| = 1;
+$SIG{ALRM} = sub { print "\nerror=timeout\n"; exit 0 };
+$SIG{PIPE} = 'IGNORE';
+alarm 5;
+my $s = IO::Socket::INET->new(PeerAddr => $addr, Proto => 'tcp')
+    or do { print "error=connect $!\n"; exit 0 };
+binmode $s;
+if ($mode eq 'banner') {
+    my $t0 = time;
+    my $line = <$s> // '';
+    my $ms = (time - $t0) * 1000;
+    print $s "ping\r\n";
+    my $echo = <$s> // '';
+    s/\r?\n\z// for $line, $echo;
+    printf "ms=%.1f\nbanner=%s\necho=%s\n", $ms, $line, $echo;
+} else {
+    binmode STDIN;
+    my $payload = do { local $/; <STDIN> };
+    syswrite($s, $payload);
+    my ($response, $buf) = ('', '');
+    while (1) {
+        my $n = sysread($s, $buf, 65536);
+        if (!defined $n) { print $response, "\nerror=$!\n"; exit 0 }
+        last if $n == 0;
+        $response .= $buf;
+    }
+    print $response;
+}
+"#;
+
+/// Runs RAW_CLIENT in `pod`; its stdout.
+fn raw_client(pod: &Pod, mode: &str, addr: &str, stdin: &[u8]) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = pod
+        .command("perl")?
+        .args(["-e", RAW_CLIENT, mode, addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running perl in a pod")?;
+    let mut input = child.stdin.take().context("perl stdin")?;
+    // A client that stops reading early must not block the test: a write error is fine.
+    let _ = input.write_all(stdin);
+    drop(input);
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "raw client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `key=value` lines of RAW_CLIENT's banner mode.
+fn field<'a>(output: &'a str, key: &str) -> Option<&'a str> {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Connects to a banner server at `addr` from `pod` `tries` times; the shortest wait for the
+/// banner in ms. Every connection must get the banner and its echo.
+fn banner_wait_ms(pod: &Pod, addr: &str, text: &str, tries: usize) -> Result<f64> {
+    let mut shortest = f64::MAX;
+    for _ in 0..tries {
+        let out = raw_client(pod, "banner", addr, b"")?;
+        ensure!(
+            field(&out, "banner") == Some(text) && field(&out, "echo") == Some("ping"),
+            "banner server via {addr}: {out}"
+        );
+        let ms: f64 = field(&out, "ms")
+            .context("no time")?
+            .parse()
+            .with_context(|| format!("time in {out}"))?;
+        shortest = shortest.min(ms);
+    }
+    Ok(shortest)
+}
+
+/// `weft-testapp` client subcommands that print one JSON line (grpc-call, raw).
+fn testapp_json(pod: &Pod, args: &[&str]) -> Result<Value> {
+    let out = pod
+        .command(APP)?
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running weft-testapp")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "weft-testapp {args:?} printed no JSON: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn service_counter(agent: &Agent, service: &str, name: &str) -> Result<u64> {
+    Ok(agent.stats()?["services"][service][name]
+        .as_u64()
+        .unwrap_or(0))
+}
+
+#[test]
+fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7det", 2)?;
+    let (a1, a2, b1, b2) = (
+        lab.pod("a1")?,
+        lab.pod("a2")?,
+        lab.pod("b1")?,
+        lab.pod("b2")?,
+    );
+    label(&mut mesh, "b1", "{app: web}")?;
+    label(&mut mesh, "b2", "{app: banner}")?;
+    label(&mut mesh, "a2", "{app: echo}")?;
+    mesh.services = [
+        service_with_ports(
+            "web",
+            "10.96.0.10",
+            "web",
+            "[{port: 80, target_port: 8080}, {port: 81, target_port: 8080, protocol: grpc}]",
+            "",
+        ),
+        // One server-speaks-first server behind a port declared tcp, a port of the default
+        // opaque_ports and a port with neither, which waits out detection.
+        service_with_ports(
+            "banner",
+            "10.96.0.20",
+            "banner",
+            "[{port: 7000, target_port: 7000, protocol: tcp}, {port: 6379, target_port: 7000}, {port: 7001, target_port: 7000}]",
+            "",
+        ),
+        service_with_ports(
+            "echo",
+            "10.96.0.30",
+            "echo",
+            "[{port: 9000, target_port: 9000}]",
+            "",
+        ),
+    ]
+    .concat();
+    let agents = start_agents(&lab, &mesh)?;
+    let _web = App::serve(b1, "web", &["--grpc"])?;
+    let _banner = App::start(
+        b2,
+        &[
+            "banner",
+            "--listen",
+            "0.0.0.0:7000",
+            "--text",
+            "hello banner",
+        ],
+        7000,
+    )?;
+    let _echo = App::start(a2, &["echo", "--listen", "0.0.0.0:9000"], 9000)?;
+
+    let http1 = load(a1, &["--url", "http://10.96.0.10/", "--requests", "50"])?;
+    ensure!(
+        status_count(&http1, 200) == 50 && http1["bodies"]["web"] == 50,
+        "HTTP/1.1: {http1}"
+    );
+    let h2c = load(
+        a1,
+        &[
+            "--url",
+            "http://10.96.0.10/",
+            "--requests",
+            "50",
+            "--concurrency",
+            "4",
+            "--h2c",
+        ],
+    )?;
+    ensure!(
+        status_count(&h2c, 200) == 50 && h2c["bodies"]["web"] == 50,
+        "h2c: {h2c}"
+    );
+    for url in ["http://10.96.0.10:80", "http://10.96.0.10:81"] {
+        let call = testapp_json(a1, &["grpc-call", "--url", url, "--message", "hi there"])?;
+        ensure!(
+            call["http_status"] == 200 && call["grpc_status"] == 0 && call["message"] == "hi there",
+            "gRPC via {url}: {call}"
+        );
+    }
+    let web = &agents[0].stats()?["services"];
+    ensure!(
+        web["lab/web:80"]["requests"] == 101 && web["lab/web:80"]["responses_2xx"] == 101,
+        "web:80 as the client's agent counted it: {}",
+        web["lab/web:80"]
+    );
+    ensure!(
+        web["lab/web:81"]["responses_2xx"] == 1,
+        "web:81: {}",
+        web["lab/web:81"]
+    );
+
+    // Declared or well-known opaque ports relay at once; the port with neither waits for the
+    // detection timeout (100 ms by default) because the client says nothing, then relays.
+    let declared = banner_wait_ms(a1, "10.96.0.20:7000", "hello banner", 3)?;
+    let well_known = banner_wait_ms(a1, "10.96.0.20:6379", "hello banner", 3)?;
+    let detected = banner_wait_ms(a1, "10.96.0.20:7001", "hello banner", 3)?;
+    eprintln!("TIMES {declared} {well_known} {detected}");
+    ensure!(
+        declared < 60.0 && well_known < 60.0,
+        "an opaque port waited for detection: declared tcp {declared} ms, opaque_ports {well_known} ms"
+    );
+    ensure!(
+        (95.0..600.0).contains(&detected),
+        "the banner behind a port left to detection came after {detected} ms, expected ~100 ms"
+    );
+    for port in [7000, 6379, 7001] {
+        let connections =
+            service_counter(&agents[0], &format!("lab/banner:{port}"), "connections")?;
+        ensure!(
+            connections == 3,
+            "banner:{port} counted {connections} connections"
+        );
+    }
+
+    let raw = testapp_json(
+        a1,
+        &["raw", "--addr", "10.96.0.30:9000", "--bytes", "1000000"],
+    )?;
+    ensure!(
+        raw["equal"] == true && raw["received"] == 1_000_000 && raw["error"].is_null(),
+        "binary through the echo service: {raw}"
+    );
+    Ok(())
+}
+
+#[test]
+fn malformed_and_oversized_requests_get_400_and_431() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7mal", 2)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    label(&mut mesh, "b1", "{app: web}")?;
+    mesh.services = service("web", "10.96.0.10", "web", "");
+    let agents = start_agents(&lab, &mesh)?;
+    let web = App::serve(b1, "web", &[])?;
+    let served = |expected: u64| -> Result<()> {
+        let summary = load(a1, &["--url", "http://10.96.0.10/", "--requests", "10"])?;
+        ensure!(
+            status_count(&summary, 200) == 10,
+            "after a bad request: {summary}"
+        );
+        let seen = web.requests()?;
+        ensure!(
+            seen == expected,
+            "the app saw {seen} requests, expected {expected}"
+        );
+        Ok(())
+    };
+    let ended_with_error = |reason: &str| {
+        agents[0]
+            .log()
+            .lines()
+            .filter(|l| l.contains("HTTP connection from the pod ended with an error"))
+            .filter(|l| l.contains(reason))
+            .count()
+    };
+    served(10)?;
+
+    // The request line makes it HTTP/1; the broken header line after it is the agent's to refuse.
+    let malformed = raw_client(
+        a1,
+        "send",
+        "10.96.0.10:80",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nbad header line\r\n\r\n",
+    )?;
+    ensure!(
+        malformed.starts_with("HTTP/1.1 400 "),
+        "a malformed header got: {malformed:?}"
+    );
+    ensure!(
+        ended_with_error("invalid HTTP header") == 1,
+        "no log line for the malformed request:\n{}",
+        agents[0].log()
+    );
+    served(20)?;
+
+    let mut oversized = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    oversized.resize(oversized.len() + 100_000, b'a');
+    oversized.extend_from_slice(b"\r\n\r\n");
+    let answer = raw_client(a1, "send", "10.96.0.10:80", &oversized)?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 431 "),
+        "a 100 KB header got: {answer:?}"
+    );
+    ensure!(
+        ended_with_error("too large") == 1,
+        "no log line for the oversized request:\n{}",
+        agents[0].log()
+    );
+    // Neither bad request reached the app.
+    served(30)?;
+    Ok(())
+}
+
+#[test]
+fn a_route_splits_requests_by_weight() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7spl", 2)?;
+    let (a1, b1, b2) = (lab.pod("a1")?, lab.pod("b1")?, lab.pod("b2")?);
+    label(&mut mesh, "b1", "{app: echo, track: v1}")?;
+    label(&mut mesh, "b2", "{app: echo, track: v2}")?;
+    mesh.services = [
+        service("echo", "10.96.0.10", "echo", ""),
+        service_with_ports(
+            "echo-v1",
+            "10.96.0.11",
+            "echo",
+            "[{port: 80, target_port: 8080}]",
+            "",
+        )
+        .replace("{app: echo}", "{track: v1}"),
+        service_with_ports(
+            "echo-v2",
+            "10.96.0.12",
+            "echo",
+            "[{port: 80, target_port: 8080}]",
+            "",
+        )
+        .replace("{app: echo}", "{track: v2}"),
+    ]
+    .concat();
+    mesh.routes = "  - metadata: {name: split, namespace: lab}\n    spec:\n      parentRefs: [{name: echo, port: 80}]\n      rules:\n        - backendRefs: [{name: echo-v1, weight: 90}, {name: echo-v2, weight: 10}]\n".into();
+    let agents = start_agents(&lab, &mesh)?;
+    let (v1, v2) = (App::serve(b1, "v1", &[])?, App::serve(b2, "v2", &[])?);
+    let summary = load(
+        a1,
+        &[
+            "--url",
+            "http://10.96.0.10/",
+            "--requests",
+            "10000",
+            "--concurrency",
+            "16",
+        ],
+    )?;
+    ensure!(status_count(&summary, 200) == 10_000, "{summary}");
+    let (n1, n2) = (v1.requests()?, v2.requests()?);
+    let (body1, body2) = (
+        summary["bodies"]["v1"].as_u64().unwrap_or(0),
+        summary["bodies"]["v2"].as_u64().unwrap_or(0),
+    );
+    ensure!(
+        (n1, n2) == (body1, body2) && n1 + n2 == 10_000,
+        "the apps counted {n1} / {n2}, the client {body1} / {body2}"
+    );
+    // 10,000 draws at 90/10: one standard deviation is 0.3%, so ±2% never fails by chance.
+    ensure!(
+        (8_800..=9_200).contains(&n1),
+        "v1 got {n1} of 10000 requests, weight 90%"
+    );
+    let counters = &agents[0].stats()?["services"]["lab/echo:80"];
+    ensure!(
+        counters["requests"] == 10_000 && counters["responses_2xx"] == 10_000,
+        "{counters}"
+    );
+    eprintln!(
+        "split {n1}/{n2} in {} s, p99 {} us",
+        summary["seconds"], summary["latency_us"]["p99"]
+    );
+    Ok(())
+}
+
+#[test]
+fn mirrored_requests_reach_a_failing_shadow_without_touching_the_caller() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7mir", 2)?;
+    let (a1, b1, b2) = (lab.pod("a1")?, lab.pod("b1")?, lab.pod("b2")?);
+    label(&mut mesh, "b1", "{app: echo}")?;
+    label(&mut mesh, "b2", "{app: shadow}")?;
+    mesh.services = [
+        service("echo", "10.96.0.10", "echo", ""),
+        service("shadow", "10.96.0.11", "shadow", ""),
+    ]
+    .concat();
+    mesh.routes = "  - metadata: {name: mirror, namespace: lab}\n    spec:\n      parentRefs: [{name: echo, port: 80}]\n      rules:\n        - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]\n".into();
+    let agents = start_agents(&lab, &mesh)?;
+    let echo = App::serve(b1, "echo", &[])?;
+    let shadow = App::serve(
+        b2,
+        "shadow",
+        &["--fail-percent", "100", "--delay-ms", "200"],
+    )?;
+    let summary = load(
+        a1,
+        &[
+            "--url",
+            "http://10.96.0.10/",
+            "--requests",
+            "5000",
+            "--concurrency",
+            "16",
+        ],
+    )?;
+    eprintln!("{summary}");
+    eprintln!("{} {}", echo.stats()?, shadow.stats()?);
+    thread::sleep(Duration::from_secs(3));
+    eprintln!("{} {}", echo.stats()?, shadow.stats()?);
+    eprintln!("{}", agents[0].stats()?["services"]);
+    Ok(())
+}
+
+#[test]
+fn retries_hide_an_endpoint_failing_half_the_time() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7ret", 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    label(&mut mesh, "b1", "{app: flaky}")?;
+    let budget = "    retry_budget: {ratio: 1.0, min_per_second: 10, window_ms: 10000}\n";
+    mesh.services = [
+        service("flaky", "10.96.0.10", "flaky", budget),
+        service("noretry", "10.96.0.11", "flaky", budget),
+    ]
+    .concat();
+    let route = |name: &str, parent: &str, attempts: u32| {
+        format!("  - metadata: {{name: {name}, namespace: lab}}\n    spec:\n      parentRefs: [{{name: {parent}, port: 80}}]\n      rules:\n        - retry: {{attempts: {attempts}, on: [5xx]}}\n")
+    };
+    mesh.routes = [route("retry", "flaky", 3), route("once", "noretry", 0)].concat();
+    let agents = start_agents(&lab, &mesh)?;
+    let flaky = App::serve(b1, "flaky", &["--fail-percent", "50"])?;
+    for c in ["1", "2", "4", "8"] {
+        let summary = load(
+            a1,
+            &[
+                "--url",
+                "http://10.96.0.10/",
+                "--requests",
+                "2000",
+                "--concurrency",
+                c,
+            ],
+        )?;
+        eprintln!("c={c} {summary}");
+    }
+    let summary = load(
+        a1,
+        &[
+            "--url",
+            "http://10.96.0.11/",
+            "--requests",
+            "2000",
+            "--concurrency",
+            "4",
+        ],
+    )?;
+    eprintln!("control {summary}");
+    eprintln!("{}", agents[0].stats()?["services"]);
+    eprintln!("{}", flaky.stats()?);
     Ok(())
 }

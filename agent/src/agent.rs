@@ -99,6 +99,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         protocol_detection_timeout: settings.protocol_detection_timeout(),
         opaque_ports: settings.opaque_ports.clone(),
         retry_body_limit: settings.retry_body_limit_bytes,
+        exhausted: Default::default(),
         local_pods: Default::default(),
         connections: TaskTracker::new(),
         abort: CancellationToken::new(),

@@ -24,13 +24,14 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{InboundMode, PodId},
     identity::{peer_identity, Identity},
+    l7::{self, pool::HTTP2},
     policy::{Decision, Request as PolicyRequest},
     proxy::{connect_within, copy_metered, splice_metered, PodProxy, ProxyContext},
     state::{MeshState, Workload},
     stats::InboundCounters,
     tunnel::{
-        TunnelStream, CONNECTION_WINDOW_BYTES, FORWARDED, MAX_FRAME_BYTES, MAX_HEADER_LIST_BYTES,
-        STREAM_WINDOW_BYTES, TLS_READ_BUFFER_BYTES, TLS_WRITE_BUFFER_BYTES,
+        TunnelStream, APP_PROTOCOL, CONNECTION_WINDOW_BYTES, FORWARDED, MAX_FRAME_BYTES,
+        MAX_HEADER_LIST_BYTES, STREAM_WINDOW_BYTES, TLS_READ_BUFFER_BYTES, TLS_WRITE_BUFFER_BYTES,
     },
 };
 
@@ -131,7 +132,7 @@ async fn serve_tunnel_connection(
 /// Handles one CONNECT stream: checks it, connects to the app, answers, then splices the stream
 /// to the app.
 async fn serve_stream(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     client: &Identity,
     peer: SocketAddr,
     request: Request<RecvStream>,
@@ -152,7 +153,24 @@ async fn serve_stream(
             return;
         }
     };
+    let app_protocol = request.headers().get(APP_PROTOCOL).cloned();
     let mut stream = TunnelStream::new(send, request.into_body());
+    if let Some(protocol) = app_protocol {
+        let http2 = protocol == HTTP2;
+        let served = l7::deliver::serve(
+            Arc::clone(ctx),
+            workload.id.clone(),
+            counters,
+            stream.into_io(),
+            app,
+            http2,
+        )
+        .await;
+        if let Err(err) = served {
+            debug!(pod = %workload.id, error = %err, "HTTP stream ended with an error");
+        }
+        return;
+    }
     let result = splice_metered(
         ctx,
         &mut app,

@@ -27,7 +27,7 @@ use crate::{
     config::PodId,
     datapath::Datapath,
     identity::Identity,
-    l7::pool::ConnectionPool,
+    l7::{pool::ConnectionPool, trace::ExhaustedTraces},
     netns::PodNetns,
     state::SharedState,
     stats::{FlowCounters, Stats, Transport},
@@ -53,6 +53,8 @@ pub struct ProxyContext {
     pub opaque_ports: Vec<u16>,
     /// Request bodies up to this size are held for retries and mirrors.
     pub retry_body_limit: usize,
+    /// Traces whose requests this agent gave up retrying.
+    pub exhausted: ExhaustedTraces,
     /// Enrolled pods by IP, for delivering inbound streams.
     pub local_pods: RwLock<HashMap<Ipv4Addr, Arc<PodProxy>>>,
     /// Tracks open connections so shutdown can drain them.
@@ -194,7 +196,7 @@ pub async fn open_upstream(
         // Bounded: a stream that never opens (an unresponsive peer agent) fails like a connect.
         return tokio::time::timeout(
             ctx.connect_timeout,
-            tunnels.open_stream(source, pod.ip, workload, destination),
+            tunnels.open_stream(source, pod.ip, workload, destination, None),
         )
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the tunnel stream did not open in time")))

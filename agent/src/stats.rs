@@ -63,6 +63,10 @@ pub struct InboundCounters {
     pub failed: AtomicU64,
     pub bytes_to_app: AtomicU64,
     pub bytes_from_app: AtomicU64,
+    /// HTTP requests served from tunnel streams that carry HTTP.
+    pub http_requests: AtomicU64,
+    /// Requests answered 504 on arrival: their deadline had passed.
+    pub deadline_exceeded: AtomicU64,
 }
 
 /// The tunnels between agents.

@@ -46,6 +46,9 @@ use crate::{
 
 /// The header carrying the client pod's address, so the destination can deliver with it as source.
 pub const FORWARDED: &str = "forwarded";
+/// The header of a stream that carries HTTP (`http/1.1` or `h2`) rather than opaque bytes: the
+/// destination agent then serves it request by request.
+pub const APP_PROTOCOL: &str = "x-weft-app-protocol";
 /// HTTP/2 windows large enough for bulk transfers over one stream.
 pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
@@ -119,13 +122,15 @@ impl TunnelPool {
         lock(&self.slots).retain(|key, _| keep.contains(&key.source));
     }
 
-    /// Opens a stream from `source` (a pod at `client_ip`) to `target` on `destination`.
+    /// Opens a stream from `source` (a pod at `client_ip`) to `target` on `destination`,
+    /// carrying `app_protocol` (see [`APP_PROTOCOL`]) or, without it, opaque bytes.
     pub async fn open_stream(
         &self,
         source: &Identity,
         client_ip: Ipv4Addr,
         destination: &Workload,
         target: SocketAddrV4,
+        app_protocol: Option<&'static str>,
     ) -> Result<TunnelStream> {
         let mut sender = self
             .sender(source, destination)
@@ -133,7 +138,7 @@ impl TunnelPool {
             .ready()
             .await
             .context("the tunnel connection cannot open streams")?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header(
@@ -142,6 +147,11 @@ impl TunnelPool {
             )
             .body(())
             .context("building the CONNECT request")?;
+        if let Some(protocol) = app_protocol {
+            request
+                .headers_mut()
+                .insert(APP_PROTOCOL, HeaderValue::from_static(protocol));
+        }
         let (response, send) = sender
             .send_request(request, false)
             .context("sending CONNECT over the tunnel")?;

@@ -31,6 +31,7 @@ use super::{
     pool::SendError,
     retry::{Outcome, RETRIES_EXHAUSTED},
     service::{CompiledRule, ServiceBackend, ServicePortEntry},
+    trace::ensure_trace,
 };
 use crate::{
     proxy::{PodProxy, ProxyContext},
@@ -125,6 +126,7 @@ async fn handle(
     }
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let trace = ensure_trace(&mut parts.headers);
     let body = match BufferedBody::read(body, ctx.retry_body_limit).await {
         Ok(body) => body,
         Err(err) => {
@@ -141,7 +143,11 @@ async fn handle(
             mirror_request(ctx, pod, mirror, &parts, copy, deadline, &counters);
         }
     }
-    forward(ctx, pod, rule, parts, body, deadline, &counters).await
+    let response = forward(ctx, pod, rule, parts, body, deadline, &counters).await;
+    if response.headers().contains_key(RETRIES_EXHAUSTED) {
+        ctx.exhausted.record(trace, Instant::now());
+    }
+    response
 }
 
 /// Tries the request on endpoints of a backend the rule picks until it succeeds, the policy
@@ -265,9 +271,10 @@ async fn forward(
             tokio::time::sleep(pause).await;
             continue;
         }
-        // This agent would have retried but may not: callers further up must not retry either,
-        // or retries multiply hop by hop.
-        let exhausted = retry_allowed;
+        // This agent would have retried but may not, or a hop further down already gave up:
+        // callers further up must not retry either, or retries multiply hop by hop.
+        let marked = matches!(&result, Some(Ok((response, _))) if response.headers().contains_key(RETRIES_EXHAUSTED));
+        let exhausted = retry_allowed || marked;
         return match result {
             Some(Ok((response, _))) => {
                 counters.count_response(response.status());
@@ -380,17 +387,10 @@ async fn forward_upgrade(
         );
     };
     let started = Instant::now();
-    let sent = pod
-        .http
-        .send(
-            ctx,
-            pod,
-            endpoint,
-            Request::from_parts(parts, body.into_stream()),
-        )
-        .await;
+    let request = Request::from_parts(parts, body.into_stream());
+    let sent = pod.http.send_upgrade(ctx, pod, endpoint, request).await;
     let mut response = match sent {
-        Ok((response, _)) => response,
+        Ok(response) => response,
         Err(SendError::Connect(err)) => {
             pick.failure(started.elapsed(), Instant::now());
             let reason = format!("connecting to {endpoint}: {err:#}");
@@ -437,6 +437,11 @@ pub fn local_reply(
 ) -> Response<ProxyBody> {
     counters.count_response(status);
     counters.local_replies.fetch_add(1, Relaxed);
+    agent_reply(status, reason)
+}
+
+/// An answer made by the agent itself, marked so it is told apart from the app's.
+pub fn agent_reply(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let body = Full::new(Bytes::from(format!("{reason}\n")))
         .map_err(|never: Infallible| match never {})
         .boxed();

@@ -6,12 +6,14 @@
 pub mod balance;
 pub mod body;
 pub mod deadline;
+pub mod deliver;
 pub mod detect;
 pub mod http;
 pub mod pool;
 pub mod retry;
 pub mod route;
 pub mod service;
+pub mod trace;
 
 use std::{
     net::SocketAddrV4,

@@ -35,6 +35,9 @@ use crate::{
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed once their request is done.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// What a tunnel stream to an endpoint carries (see `tunnel::APP_PROTOCOL`).
+pub const HTTP1: &str = "http/1.1";
+pub const HTTP2: &str = "h2";
 
 /// How a request failed before a response arrived, as retries need to know it.
 pub enum SendError {
@@ -86,7 +89,7 @@ impl ConnectionPool {
         let (mut sender, transport) = match self.idle_http1(endpoint) {
             Some(idle) => idle,
             None => {
-                let (io, transport) = connect(ctx, pod, endpoint).await?;
+                let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP1)).await?;
                 let (sender, connection) = http1::handshake(TokioIo::new(io))
                     .await
                     .map_err(|err| SendError::Connect(err.into()))?;
@@ -112,6 +115,32 @@ impl ConnectionPool {
             response.body_mut().release();
         }
         Ok((response, transport))
+    }
+
+    /// Sends a request that asks to switch protocols on a connection of its own, opaque to the
+    /// destination agent, so the switched conversation flows through it untouched.
+    pub async fn send_upgrade(
+        &self,
+        ctx: &ProxyContext,
+        pod: &PodProxy,
+        endpoint: SocketAddrV4,
+        mut request: Request<ReplayBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        *request.version_mut() = Version::HTTP_11;
+        let (io, _) = connect(ctx, pod, endpoint, None).await?;
+        let (mut sender, connection) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|err| SendError::Connect(err.into()))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                debug!(%endpoint, error = %err, "upstream connection ended");
+            }
+        });
+        let response = sender.send_request(request).await.map_err(classify)?;
+        Ok(response.map(|inner| PooledBody {
+            inner,
+            release: None,
+        }))
     }
 
     fn idle_http1(
@@ -140,7 +169,7 @@ impl ConnectionPool {
         if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok((sender.clone(), transport_of(ctx, pod, endpoint)));
         }
-        let (io, transport) = connect(ctx, pod, endpoint).await?;
+        let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP2)).await?;
         let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(|err| SendError::Connect(err.into()))?;
@@ -181,6 +210,7 @@ async fn connect(
     ctx: &ProxyContext,
     pod: &PodProxy,
     endpoint: SocketAddrV4,
+    app_protocol: Option<&'static str>,
 ) -> Result<(UpstreamIo, Transport), SendError> {
     let state = ctx.state.get();
     let meshed = ctx
@@ -191,7 +221,7 @@ async fn connect(
     if let Some(((tunnels, source), workload)) = meshed {
         let stream = tokio::time::timeout(
             ctx.connect_timeout,
-            tunnels.open_stream(source, pod.ip, workload, endpoint),
+            tunnels.open_stream(source, pod.ip, workload, endpoint, app_protocol),
         )
         .await
         .unwrap_or_else(|_| Err(anyhow!("the tunnel stream did not open in time")))

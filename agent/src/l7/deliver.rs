@@ -1,0 +1,136 @@
+//! The destination side of HTTP carried through a tunnel: requests from the stream are handed
+//! to the app one by one over a connection of their own, so the agent can answer a request
+//! whose deadline passed in transit without bothering the app, and mark a failing answer whose
+//! trace this agent already gave up retrying (see `trace`).
+use std::{
+    convert::Infallible,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::{Instant, SystemTime},
+};
+
+use http::{header::HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    server::conn,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{net::TcpStream, sync::Mutex};
+use tracing::debug;
+
+use super::{
+    deadline::request_deadline,
+    http::{agent_reply, ProxyBody},
+    retry::RETRIES_EXHAUSTED,
+    trace::trace_id,
+};
+use crate::{config::PodId, proxy::ProxyContext, stats::InboundCounters, tunnel::TunnelIo};
+
+/// The connection to the app that a stream's requests go through.
+enum AppConnection {
+    /// One request at a time, as the stream's own HTTP/1.1 requests arrive.
+    Http1(Mutex<http1::SendRequest<Incoming>>),
+    Http2(http2::SendRequest<Incoming>),
+}
+
+impl AppConnection {
+    async fn send(&self, request: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Self::Http1(sender) => {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+            Self::Http2(sender) => sender.clone().send_request(request).await,
+        }
+    }
+}
+
+/// Serves the HTTP requests of one tunnel stream to `app`, in the stream's protocol.
+pub async fn serve(
+    ctx: Arc<ProxyContext>,
+    pod: PodId,
+    counters: Arc<InboundCounters>,
+    stream: TunnelIo,
+    app: TcpStream,
+    http2: bool,
+) -> Result<(), hyper::Error> {
+    let _ = app.set_nodelay(true);
+    let app = TokioIo::new(app);
+    let connection = if http2 {
+        let (sender, connection) = http2::handshake(TokioExecutor::new(), app).await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(error = %err, "app HTTP/2 connection ended");
+            }
+        });
+        AppConnection::Http2(sender)
+    } else {
+        let (sender, connection) = http1::handshake(app).await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(error = %err, "app HTTP/1.1 connection ended");
+            }
+        });
+        AppConnection::Http1(Mutex::new(sender))
+    };
+    let connection = Arc::new(connection);
+    let service = service_fn(move |request| {
+        let (ctx, pod, counters, connection) = (
+            Arc::clone(&ctx),
+            pod.clone(),
+            Arc::clone(&counters),
+            Arc::clone(&connection),
+        );
+        async move { Ok::<_, Infallible>(deliver(&ctx, &pod, &counters, &connection, request).await) }
+    });
+    let stream = TokioIo::new(stream);
+    if http2 {
+        conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(stream, service)
+            .await
+    } else {
+        conn::http1::Builder::new()
+            .serve_connection(stream, service)
+            .await
+    }
+}
+
+async fn deliver(
+    ctx: &ProxyContext,
+    pod: &PodId,
+    counters: &InboundCounters,
+    app: &AppConnection,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    counters.http_requests.fetch_add(1, Relaxed);
+    match request_deadline(request.headers(), SystemTime::now()) {
+        Ok(Some(deadline)) if deadline <= SystemTime::now() => {
+            counters.deadline_exceeded.fetch_add(1, Relaxed);
+            debug!(%pod, "request arrived after its deadline; answered without the app");
+            return agent_reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the request's deadline had passed",
+            );
+        }
+        Ok(_) => {}
+        Err(err) => return agent_reply(StatusCode::BAD_REQUEST, &err.to_string()),
+    }
+    let trace = trace_id(request.headers());
+    let mut response = match app.send(request).await {
+        Ok(response) => response.map(|body| body.boxed()),
+        Err(err) => {
+            debug!(%pod, error = %err, "the app failed before answering");
+            return agent_reply(StatusCode::BAD_GATEWAY, "the app failed before answering");
+        }
+    };
+    let gave_up = trace.is_some_and(|trace| ctx.exhausted.contains(trace, Instant::now()));
+    if response.status().is_server_error() && gave_up {
+        response
+            .headers_mut()
+            .insert(RETRIES_EXHAUSTED, HeaderValue::from_static("1"));
+    }
+    response
+}
