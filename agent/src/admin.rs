@@ -14,11 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
-    datapath::Datapath, enrollment::PodStatusTable, identity::CertificateStore, lock, stats::Stats,
+    datapath::Datapath, enrollment::PodStatusTable, identity::CertificateStore, lock,
+    proxy::ProxyContext, stats::Stats,
 };
 
 pub struct AdminState {
     pub datapath: Arc<Datapath>,
+    /// The mesh state in force (services and their endpoints).
+    pub proxy: Arc<ProxyContext>,
     pub stats: Arc<Stats>,
     pub pods: PodStatusTable,
     pub certs: Option<Arc<CertificateStore>>,
@@ -84,6 +87,7 @@ fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
                 "inbound": state.stats.inbound_snapshot(),
                 "tunnels": &state.stats.tunnels,
                 "services": state.stats.services_snapshot(),
+                "endpoints": state.proxy.state.get().services.endpoint_snapshot(std::time::Instant::now()),
                 "certificates": state.certs.as_ref().map(|certs| certs.snapshot()),
             });
             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));

@@ -102,6 +102,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         exhausted: Default::default(),
         local_pods: Default::default(),
         connections: TaskTracker::new(),
+        draining: CancellationToken::new(),
         abort: CancellationToken::new(),
     });
     let mut enrollment = Enrollment::new(
@@ -123,6 +124,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let stop_admin = CancellationToken::new();
     let admin_state = Arc::new(AdminState {
         datapath: Arc::clone(&datapath),
+        proxy: Arc::clone(&ctx),
         stats,
         pods: enrollment.status(),
         certs: certs.clone(),
@@ -184,6 +186,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     // long enough for connects already redirected to be established, tracked and accepted.
     info!("shutting down: releasing pods, then detaching eBPF programs and draining connections");
     enrollment.release_all();
+    ctx.draining.cancel();
     stop_admin.cancel();
     tokio::time::sleep(LISTENER_LINGER).await;
     datapath.detach();

@@ -658,6 +658,9 @@ mod tests {
         assert_eq!(config.pods[0].labels["app"], "web");
         assert_eq!(config.peers[0].node, "node-2");
         assert_eq!(config.policies.len(), 1);
+        assert_eq!(config.services.len(), 3);
+        assert_eq!(config.services[2].ports[0].protocol, Some(AppProtocol::Tcp));
+        assert_eq!(config.routes[0].spec.rules.len(), 2);
     }
 
     #[test]
@@ -695,5 +698,49 @@ mod tests {
             "policies:\n  - metadata: {name: p, namespace: Bad_NS}\n    spec: {action: DENY}\n",
         );
         assert!(err.contains("policies[0]"), "{err}");
+    }
+
+    #[test]
+    fn services_are_validated() {
+        let pod = "pods:\n  - {name: web, netns: /x, ip: 10.0.0.1, labels: {app: web}}\n";
+        let service = |body: &str| format!("{pod}services:\n  - {body}\n");
+        let good =
+            service("{name: web, vips: [10.96.0.1], ports: [{port: 80}], selector: {app: web}}");
+        let config = Config::parse(&good).unwrap();
+        assert_eq!(config.services[0].ports[0].target_port(), 80);
+        assert!(config.services[0].retry_budget.is_some());
+        let no_budget = service(
+            "{name: web, vips: [10.96.0.1], ports: [{port: 80}], selector: {app: web}, retry_budget: null}",
+        );
+        assert!(Config::parse(&no_budget).unwrap().services[0]
+            .retry_budget
+            .is_none());
+        let cases = [
+            ("{name: web, vips: [], ports: [{port: 80}], selector: {app: web}}", "vips is empty"),
+            ("{name: web, vips: [10.0.0.1], ports: [{port: 80}], selector: {app: web}}", "a workload's address"),
+            ("{name: web, vips: [10.96.0.1], ports: [], selector: {app: web}}", "ports is empty"),
+            ("{name: web, vips: [10.96.0.1], ports: [{port: 80}, {port: 80}], selector: {app: web}}", "listed twice"),
+            ("{name: web, vips: [10.96.0.1], ports: [{port: 80, target_port: 0}], selector: {app: web}}", "not a port"),
+            ("{name: web, vips: [10.96.0.1], ports: [{port: 80}]}", "never have an endpoint"),
+            ("{name: Web, vips: [10.96.0.1], ports: [{port: 80}], selector: {app: web}}", "DNS label"),
+            ("{name: web, vips: [10.96.0.1], ports: [{port: 80, protocol: quic}], selector: {app: web}}", "quic"),
+            ("{name: web, vips: [10.96.0.1], ports: [{port: 80}], selector: {app: web}, outlier_detection: {consecutive_failures: 0}}", "at least 1"),
+            ("{name: web, vips: [10.96.0.1], ports: [{port: 80}], selector: {app: web}, retry_budget: {ratio: 2.0}}", "ratio"),
+        ];
+        for (body, expected) in cases {
+            let err = error_of(&service(body));
+            assert!(
+                err.contains(expected) && err.contains("services[0]"),
+                "{body}: {err}"
+            );
+        }
+        let twice = format!(
+            "{pod}services:\n  - {{name: a, vips: [10.96.0.1], ports: [{{port: 80}}], endpoints: [10.0.0.9]}}\n  - {{name: b, vips: [10.96.0.1], ports: [{{port: 80}}], endpoints: [10.0.0.9]}}\n"
+        );
+        assert!(error_of(&twice).contains("already used by another service"));
+        let route = format!(
+            "{good}routes:\n  - metadata: {{name: r, namespace: default}}\n    spec: {{parentRefs: [{{name: nope}}], rules: [{{}}]}}\n"
+        );
+        assert!(error_of(&route).contains("no service default/nope"));
     }
 }

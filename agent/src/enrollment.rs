@@ -247,10 +247,7 @@ impl Enrollment {
                 "plaintext",
                 serve_steered,
             ));
-            ctx.local_pods
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(spec.ip, Arc::clone(&proxy));
+            crate::write(&ctx.local_pods).insert(spec.ip, Arc::clone(&proxy));
         }
         // The listener exists before the pod is marked enrolled, so no redirected connect is refused.
         if let Err(err) = ctx.datapath.enroll(cookie) {
@@ -274,11 +271,7 @@ impl Enrollment {
     /// Stops steering the pod's inbound connections to the agent and forgets it as a delivery
     /// target. A failure is logged: the capture goes at the latest with the agent.
     fn release_inbound(&self, ip: Ipv4Addr, capture: Option<InboundCapture>) {
-        self.ctx
-            .local_pods
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ip);
+        crate::write(&self.ctx.local_pods).remove(&ip);
         if let Some(capture) = capture {
             if let Err(err) = self.ctx.datapath.release_inbound(capture) {
                 error!(%ip, error = format!("{err:#}"), "cannot release inbound capture");

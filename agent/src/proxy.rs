@@ -59,13 +59,15 @@ pub struct ProxyContext {
     pub local_pods: RwLock<HashMap<Ipv4Addr, Arc<PodProxy>>>,
     /// Tracks open connections so shutdown can drain them.
     pub connections: TaskTracker,
+    /// Cancelled when the agent starts draining: HTTP connections are asked to finish.
+    pub draining: CancellationToken,
     /// Cancelled when the drain period is over: open connections are then reset.
     pub abort: CancellationToken,
 }
 
 impl ProxyContext {
     pub fn local_pod(&self, ip: &Ipv4Addr) -> Option<Arc<PodProxy>> {
-        let pods = self.local_pods.read().unwrap_or_else(|e| e.into_inner());
+        let pods = crate::read(&self.local_pods);
         pods.get(ip).cloned()
     }
 }

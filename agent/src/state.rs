@@ -93,10 +93,10 @@ impl SharedState {
     }
 
     pub fn get(&self) -> Arc<MeshState> {
-        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&crate::read(&self.0))
     }
 
     pub fn replace(&self, state: MeshState) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+        *crate::write(&self.0) = Arc::new(state);
     }
 }

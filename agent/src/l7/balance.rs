@@ -19,11 +19,13 @@ use std::{
     error::Error,
     fmt,
     net::SocketAddrV4,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
+
+use crate::lock;
 
 /// Time constant of the latency estimate. A sample below the estimate moves it by
 /// `1 - exp(-elapsed / DECAY)`, so an endpoint that got faster is believed within tens of seconds
@@ -482,11 +484,6 @@ fn ejection_duration(settings: &OutlierSettings, exponent: u32) -> Duration {
 
 fn nanos(duration: Duration) -> f64 {
     duration.as_nanos() as f64
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    // The state stays consistent between statements, so a panic elsewhere leaves it usable.
-    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Peak-EWMA round-trip estimate (as in Finagle and Linkerd).

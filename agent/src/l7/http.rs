@@ -8,6 +8,8 @@
 //! outcome, and either answer or back off and try another endpoint.
 use std::{
     convert::Infallible,
+    future::Future,
+    pin::{pin, Pin},
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant, SystemTime},
 };
@@ -66,23 +68,39 @@ pub async fn serve(
         let connection = conn::http2::Builder::new(TokioExecutor::new())
             .max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32)
             .serve_connection(io, service);
-        tokio::select! {
-            served = connection => served,
-            () = ctx.abort.cancelled() => return,
-        }
+        until_drained(&ctx, pin!(connection), |c| c.graceful_shutdown()).await
     } else {
         let connection = conn::http1::Builder::new()
             .max_buf_size(MAX_REQUEST_HEAD_BYTES)
             .serve_connection(io, service)
             .with_upgrades();
-        tokio::select! {
-            served = connection => served,
-            () = ctx.abort.cancelled() => return,
-        }
+        until_drained(&ctx, pin!(connection), |c| c.graceful_shutdown()).await
     };
-    if let Err(err) = served {
+    if let Some(Err(err)) = served {
         // Malformed requests and oversized heads were answered (400/431) by hyper before this.
         info!(pod = %pod.id, error = %err, "HTTP connection from the pod ended with an error");
+    }
+}
+
+/// Drives a client connection; once the agent drains, asks it to finish gracefully (HTTP/1.1:
+/// close after the request in progress; HTTP/2: GOAWAY), so idle keep-alive connections do not
+/// hold the drain for its whole period. `None` when the drain period ended first.
+async fn until_drained<C>(
+    ctx: &ProxyContext,
+    mut connection: Pin<&mut C>,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) -> Option<hyper::Result<()>>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    tokio::select! {
+        served = connection.as_mut() => return Some(served),
+        () = ctx.draining.cancelled() => graceful_shutdown(connection.as_mut()),
+        () = ctx.abort.cancelled() => return None,
+    }
+    tokio::select! {
+        served = connection => Some(served),
+        () = ctx.abort.cancelled() => None,
     }
 }
 

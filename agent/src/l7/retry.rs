@@ -6,11 +6,13 @@
 //! are left (`attempts`), and the service's budget grants a retry. The budget is what protects an
 //! overloaded upstream; the backoff only spreads the retries out.
 use std::{
-    sync::{Mutex, PoisonError},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use http::{header::CONTENT_TYPE, HeaderMap, Method, StatusCode};
+
+use crate::lock;
 
 /// Which failures a route retries.
 ///
@@ -313,14 +315,14 @@ impl RetryBudget {
 
     /// Counts an original (first-try) request.
     pub fn record_request(&self, now: Instant) {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.state);
         let bucket = self.current_bucket(&mut state, now);
         bucket.requests += 1;
     }
 
     /// Takes one retry if the budget allows; false means the retry is suppressed.
     pub fn try_retry(&self, now: Instant) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = lock(&self.state);
         let current = self.current_bucket(&mut state, now).number;
         let (requests, retries) = state
             .buckets

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http::{HeaderMap, Method};
@@ -176,6 +176,37 @@ impl Services {
             by_address,
             backends,
         }
+    }
+
+    /// Every service port's endpoints as the balancer sees them, for the admin endpoint.
+    pub fn endpoint_snapshot(&self, now: Instant) -> serde_json::Value {
+        let by_id: std::collections::BTreeMap<&str, serde_json::Value> = self
+            .backends
+            .values()
+            .map(|backend| {
+                let endpoints: Vec<serde_json::Value> = backend
+                    .balancer
+                    .endpoints()
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "address": e.addr,
+                            "latency_ms": e.ewma_latency.as_secs_f64() * 1000.0,
+                            "in_flight": e.in_flight,
+                            "ejected": e.ejected_until.is_some_and(|until| until > now),
+                            "ejections": e.ejections,
+                            "consecutive_failures": e.consecutive_failures,
+                        })
+                    })
+                    .collect();
+                let summary = serde_json::json!({
+                    "ejections": backend.balancer.ejections_total(),
+                    "endpoints": endpoints,
+                });
+                (backend.id.as_str(), summary)
+            })
+            .collect();
+        serde_json::to_value(by_id).unwrap_or_default()
     }
 
     /// The service port answering at `address`, if it is a service's virtual address.
