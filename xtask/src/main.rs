@@ -140,6 +140,9 @@ fn test(args: &[String]) -> Result<()> {
         .env("WEFT_BIN", weft_binary()))
 }
 
+/// The virtual IP of the demo's service: nothing answers it but the agents.
+const DEMO_VIP: &str = "10.96.0.80";
+
 fn demo(keep: bool) -> Result<()> {
     require_root("the demo")?;
     build()?;
@@ -176,6 +179,10 @@ fn run_demo(lab: &Lab) -> Result<((Agent, Agent), std::process::Child)> {
     let mut mesh = Mesh::new(lab, ca_cert, ca_key);
     mesh.workloads.retain(|w| w.pod.name != "a2");
     mesh.workload_mut("b1")?.inbound_mode = "STRICT";
+    mesh.workload_mut("b1")?.labels = "{app: web}";
+    mesh.services = format!(
+        "  - {{name: web, namespace: lab, vips: [{DEMO_VIP}], ports: [{{port: 80}}], selector: {{app: web}}}}\n"
+    );
     let start = |node: &str, pods: &[&Pod]| -> Result<Agent> {
         let node = lab.node(node)?;
         Agent::start_with(lab, node, &mesh.config_yaml(node, pods), pods)
@@ -203,6 +210,22 @@ fn run_demo(lab: &Lab) -> Result<((Agent, Agent), std::process::Child)> {
         b1.nginx_clients()?.len() == 5,
         "a1's requests did not all arrive"
     );
+    let out = a1
+        .command("curl")?
+        .args(["-sS", "--max-time", "5", "-w", "%{http_code} "])
+        .args((0..5).flat_map(|_| {
+            [
+                "-o".to_owned(),
+                "/dev/null".to_owned(),
+                format!("http://{DEMO_VIP}/"),
+            ]
+        }))
+        .output()
+        .context("running curl in a pod")?;
+    println!(
+        "a1 -> service web at http://{DEMO_VIP}/ x5, balanced by weft per request: statuses {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
     std::thread::sleep(Duration::from_millis(200));
     let client = agents.0.stats()?;
     println!("\nweft on node a, flows (source pod -> destination, transport):");
@@ -220,6 +243,14 @@ fn run_demo(lab: &Lab) -> Result<((Agent, Agent), std::process::Child)> {
         );
     }
     println!("weft on node a, tunnels: {}", client["tunnels"]);
+    println!(
+        "weft on node a, service web: {}",
+        client["services"]["lab/web:80"]
+    );
+    println!(
+        "weft on node a, its endpoints: {}",
+        client["endpoints"]["lab/web:80"]
+    );
     let server = agents.1.stats()?;
     println!("weft on node b, inbound per pod: {}", server["inbound"]);
     println!("weft on node b, certificates: {}", server["certificates"]);
