@@ -140,7 +140,7 @@ pub async fn serve_outbound(
         return;
     }
     let _ = client.set_nodelay(true);
-    match open_upstream(&ctx, &pod, destination).await {
+    match open_upstream(&ctx, &pod, destination, None).await {
         Ok((upstream, transport)) => {
             relay(
                 &ctx,
@@ -182,11 +182,12 @@ fn transport_to(ctx: &ProxyContext, pod: &PodProxy, destination: SocketAddrV4) -
 }
 
 /// Opens the way from `pod` to `destination` (see [`transport_to`]), bounded by the connect
-/// timeout.
+/// timeout; a tunnel stream carries `app_protocol` (see `tunnel::APP_PROTOCOL`).
 pub async fn open_upstream(
     ctx: &ProxyContext,
     pod: &PodProxy,
     destination: SocketAddrV4,
+    app_protocol: Option<&'static str>,
 ) -> Result<(Upstream, Transport), String> {
     let state = ctx.state.get();
     let meshed = ctx
@@ -198,7 +199,7 @@ pub async fn open_upstream(
         // Bounded: a stream that never opens (an unresponsive peer agent) fails like a connect.
         return tokio::time::timeout(
             ctx.connect_timeout,
-            tunnels.open_stream(source, pod.ip, workload, destination, None),
+            tunnels.open_stream(source, pod.ip, workload, destination, app_protocol),
         )
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the tunnel stream did not open in time")))
@@ -360,7 +361,7 @@ pub async fn splice_metered(
     }
 }
 
-pub(crate) async fn connect_upstream(
+async fn connect_upstream(
     ctx: &ProxyContext,
     pod: &PodProxy,
     destination: SocketAddrV4,

@@ -97,7 +97,7 @@ async fn relay_opaque(
         };
         let endpoint = pick.endpoint();
         let started = Instant::now();
-        match open_upstream(ctx, pod, endpoint).await {
+        match open_upstream(ctx, pod, endpoint, None).await {
             Ok((upstream, transport)) => {
                 pick.success(started.elapsed(), Instant::now());
                 relay(ctx, pod, client, endpoint, upstream, transport, prefix).await;

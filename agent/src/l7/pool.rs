@@ -28,7 +28,7 @@ use tracing::debug;
 use super::body::ReplayBody;
 use crate::{
     lock,
-    proxy::{connect_upstream, PodProxy, ProxyContext},
+    proxy::{open_upstream, PodProxy, ProxyContext, Upstream},
     stats::Transport,
     tunnel::TunnelIo,
 };
@@ -62,7 +62,7 @@ pub struct ConnectionPool {
 /// An HTTP/1.1 connection waiting for its next request, and how it reaches its endpoint.
 type IdleHttp1 = (http1::SendRequest<ReplayBody>, Transport);
 
-type Http2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<ReplayBody>>>>;
+type Http2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<ReplayBody>, Transport)>>>;
 
 impl ConnectionPool {
     /// Sends `request` to `endpoint` in the HTTP version of the request; the response body
@@ -166,8 +166,8 @@ impl ConnectionPool {
         let slot = Arc::clone(lock(&self.http2).entry(endpoint).or_default());
         // Concurrent first requests wait for one dial instead of each opening a connection.
         let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
-            return Ok((sender.clone(), transport_of(ctx, pod, endpoint)));
+        if let Some((sender, transport)) = slot.as_ref().filter(|(s, _)| !s.is_closed()) {
+            return Ok((sender.clone(), *transport));
         }
         let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP2)).await?;
         let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
@@ -178,7 +178,7 @@ impl ConnectionPool {
                 debug!(%endpoint, error = %err, "upstream HTTP/2 connection ended");
             }
         });
-        *slot = Some(sender.clone());
+        *slot = Some((sender.clone(), transport));
         Ok((sender, transport))
     }
 }
@@ -193,46 +193,24 @@ fn classify(err: hyper::Error) -> SendError {
     }
 }
 
-fn transport_of(ctx: &ProxyContext, pod: &PodProxy, endpoint: SocketAddrV4) -> Transport {
-    let meshed = ctx.tunnels.is_some()
-        && pod.identity.is_some()
-        && ctx.state.get().workload(*endpoint.ip()).is_some();
-    if meshed {
-        Transport::Mtls
-    } else {
-        Transport::Plaintext
-    }
-}
-
-/// A connection to `endpoint` as `pod`: a tunnel stream when the endpoint is a meshed workload,
-/// else TCP from inside the pod.
+/// A connection to `endpoint` as `pod` (see [`open_upstream`]).
 async fn connect(
     ctx: &ProxyContext,
     pod: &PodProxy,
     endpoint: SocketAddrV4,
     app_protocol: Option<&'static str>,
 ) -> Result<(UpstreamIo, Transport), SendError> {
-    let state = ctx.state.get();
-    let meshed = ctx
-        .tunnels
-        .as_ref()
-        .zip(pod.identity.as_ref())
-        .zip(state.workload(*endpoint.ip()));
-    if let Some(((tunnels, source), workload)) = meshed {
-        let stream = tokio::time::timeout(
-            ctx.connect_timeout,
-            tunnels.open_stream(source, pod.ip, workload, endpoint, app_protocol),
-        )
+    let (upstream, transport) = open_upstream(ctx, pod, endpoint, app_protocol)
         .await
-        .unwrap_or_else(|_| Err(anyhow!("the tunnel stream did not open in time")))
-        .map_err(SendError::Connect)?;
-        return Ok((UpstreamIo::Tunnel(stream.into_io()), Transport::Mtls));
-    }
-    let stream = connect_upstream(ctx, pod, endpoint).await.map_err(|err| {
-        SendError::Connect(anyhow!(err).context(format!("connecting to {endpoint}")))
-    })?;
-    let _ = stream.set_nodelay(true);
-    Ok((UpstreamIo::Tcp(stream), Transport::Plaintext))
+        .map_err(|err| SendError::Connect(anyhow!("connecting to {endpoint}: {err}")))?;
+    let io = match upstream {
+        Upstream::Tunnel(stream) => UpstreamIo::Tunnel(stream.into_io()),
+        Upstream::Tcp(stream) => {
+            let _ = stream.set_nodelay(true);
+            UpstreamIo::Tcp(stream)
+        }
+    };
+    Ok((io, transport))
 }
 
 /// Gives an HTTP/1.1 connection back to the pool when its response has been read.
