@@ -1,96 +1,25 @@
 //! Lab tests of calls through chains of services: retry budgets and retry-exhaustion marking
 //! keep a failing leaf from multiplying load, and deadlines propagate hop by hop (need root).
-use std::{
-    process::{Child, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use serde_json::Value;
-use weft_lab_tests::TestLab;
+use weft_lab_tests::{start_meshed_agents, App, TestLab, APP_PORT};
 use xtask::{
-    agent::{Agent, Mesh},
-    lab::{wait_for_tcp, Lab, Pod},
+    agent::Mesh,
+    lab::{Lab, Pod},
     pki::TestCa,
 };
 
 const APP: &str = env!("CARGO_BIN_EXE_weft-testapp");
-const APP_PORT: u16 = 8080;
-const STATS_PORT: u16 = 9090;
-
-/// A testapp process in a pod, killed when dropped.
-struct App {
-    child: Child,
-    pod: Pod,
-}
-
-impl App {
-    fn serve(pod: &Pod, args: &[&str]) -> Result<Self> {
-        let listen = format!("0.0.0.0:{APP_PORT}");
-        let stats = format!("127.0.0.1:{STATS_PORT}");
-        let child = pod
-            .command(APP)?
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--stats-listen",
-                &stats,
-                "--name",
-            ])
-            .arg(&pod.name)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting weft-testapp in {}", pod.name))?;
-        let app = Self {
-            child,
-            pod: pod.clone(),
-        };
-        wait_for_tcp(pod, APP_PORT, Duration::from_secs(10))?;
-        Ok(app)
-    }
-
-    fn stats(&self) -> Result<Value> {
-        let out = self
-            .pod
-            .command("curl")?
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://127.0.0.1:{STATS_PORT}/_stats"))
-            .output()?;
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("stats of the app in {}", self.pod.name))
-    }
-
-    fn counter(&self, name: &str) -> Result<u64> {
-        self.stats()?[name]
-            .as_u64()
-            .with_context(|| format!("stats of {} without {name}", self.pod.name))
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn load(pod: &Pod, args: &[&str]) -> Result<Value> {
-    let out = pod
-        .command(APP)?
-        .arg("load")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running weft-testapp load")?;
-    ensure!(
-        out.status.success(),
-        "load failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).context("load printed no JSON")
+    weft_lab_tests::load(APP, pod, args)
+}
+
+/// `weft-testapp serve` in `pod`, named after it.
+fn serve(pod: &Pod, args: &[&str]) -> Result<App> {
+    App::serve(APP, pod, &pod.name, args)
 }
 
 /// The chain's services: `svc-<i>` at 10.96.1.<i>:80 in front of the pod labelled `hop-<i>`;
@@ -116,26 +45,15 @@ fn chain_mesh(lab: &Lab, hops: &[&str], retries: bool, budget: &str) -> Result<M
     Ok(mesh)
 }
 
-/// Agents on every node, every pod enrolled.
-fn start_agents(lab: &Lab, mesh: &Mesh) -> Result<Vec<Agent>> {
-    lab.nodes
-        .iter()
-        .map(|node| {
-            let pods: Vec<&Pod> = node.pods.iter().collect();
-            Agent::start_with(lab, node, &mesh.config_yaml(node, &pods), &pods)
-        })
-        .collect()
-}
-
 /// Apps of the chain: each hop calls the next service, the last one `leaf_args`.
 fn start_chain(lab: &Lab, hops: &[&str], leaf_args: &[&str]) -> Result<Vec<App>> {
     let mut apps = Vec::new();
     for (i, name) in hops.iter().enumerate() {
         let pod = lab.pod(name)?;
         let app = if i + 1 == hops.len() {
-            App::serve(pod, leaf_args)?
+            serve(pod, leaf_args)?
         } else {
-            App::serve(pod, &["--next", &format!("http://10.96.1.{}/", i + 2)])?
+            serve(pod, &["--next", &format!("http://10.96.1.{}/", i + 2)])?
         };
         apps.push(app);
     }
@@ -150,7 +68,7 @@ fn a_failing_leaf_under_four_retrying_hops_sees_at_most_1_3x_the_entry_load() ->
     let lab = TestLab::up("chnrt", 2, 3)?;
     let budget = "{ratio: 0.2, min_per_second: 10, window_ms: 10000}";
     let mesh = chain_mesh(&lab, &CHAIN, true, budget)?;
-    let agents = start_agents(&lab, &mesh)?;
+    let agents = start_meshed_agents(&lab, &mesh)?;
     let apps = start_chain(&lab, &CHAIN, &["--fail-percent", "100"])?;
     let entry = 2000;
     let summary = load(
@@ -199,7 +117,7 @@ fn a_failing_leaf_under_four_retrying_hops_sees_at_most_1_3x_the_entry_load() ->
 fn without_budgets_the_same_chain_multiplies_load_at_the_leaf() -> Result<()> {
     let lab = TestLab::up("chnnb", 2, 3)?;
     let mesh = chain_mesh(&lab, &CHAIN, true, "null")?;
-    let _agents = start_agents(&lab, &mesh)?;
+    let _agents = start_meshed_agents(&lab, &mesh)?;
     let apps = start_chain(&lab, &CHAIN, &["--fail-percent", "100"])?;
     let entry = 300;
     load(
@@ -232,7 +150,7 @@ fn deadlines_cut_a_slow_chain_at_the_edge_and_never_reach_the_leaf_late() -> Res
     let lab = TestLab::up("chndl", 2, 3)?;
     let hops = ["b1", "a2"];
     let mesh = chain_mesh(&lab, &hops, false, "{}")?;
-    let _agents = start_agents(&lab, &mesh)?;
+    let _agents = start_meshed_agents(&lab, &mesh)?;
     // The leaf sleeps far beyond any deadline.
     let apps = start_chain(&lab, &hops, &["--delay-ms", "2000"])?;
     let deadline_ms = 500;
@@ -294,13 +212,13 @@ fn a_deadline_that_passes_inside_an_app_stops_at_that_app_s_agent() -> Result<()
     let lab = TestLab::up("chndm", 2, 3)?;
     let hops = ["b1", "a2"];
     let mesh = chain_mesh(&lab, &hops, false, "{}")?;
-    let _agents = start_agents(&lab, &mesh)?;
+    let _agents = start_meshed_agents(&lab, &mesh)?;
     // b1 works 300 ms before calling on; the deadline is 200 ms away.
-    let mut apps = vec![App::serve(
+    let mut apps = vec![serve(
         lab.pod("b1")?,
         &["--delay-ms", "300", "--next", "http://10.96.1.2/"],
     )?];
-    apps.push(App::serve(lab.pod("a2")?, &[])?);
+    apps.push(serve(lab.pod("a2")?, &[])?);
     let header = format!(
         "x-weft-deadline:{}",
         unix_ms_in(Duration::from_millis(200))?

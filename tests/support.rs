@@ -11,9 +11,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use xtask::lab::{Lab, LabSpec, Pod};
+use xtask::{
+    agent::{Agent, Mesh},
+    lab::{wait_for_tcp, Lab, LabSpec, Pod},
+};
 
 /// A lab that is taken down when the test ends, pass or fail.
 pub struct TestLab(Lab);
@@ -207,4 +210,116 @@ pub fn program_loaded(id: u64) -> Result<bool> {
         .output()
         .context("running bpftool")?;
     Ok(status.status.success())
+}
+
+/// Where `weft-testapp serve` listens in its pod, and where it serves its counters (`/_stats`).
+pub const APP_PORT: u16 = 8080;
+pub const APP_STATS_PORT: u16 = 9090;
+
+/// A `weft-testapp` process in a pod, killed when dropped. `binary` is the test's
+/// `env!("CARGO_BIN_EXE_weft-testapp")`.
+pub struct App {
+    child: std::process::Child,
+    pod: Pod,
+}
+
+impl App {
+    /// `weft-testapp serve --name NAME` on APP_PORT (counters on APP_STATS_PORT) with `args`.
+    pub fn serve(binary: &str, pod: &Pod, name: &str, args: &[&str]) -> Result<Self> {
+        let listen = format!("0.0.0.0:{APP_PORT}");
+        let stats = format!("127.0.0.1:{APP_STATS_PORT}");
+        let mut all = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--name",
+            name,
+            "--stats-listen",
+            &stats,
+        ];
+        all.extend_from_slice(args);
+        Self::start(binary, pod, &all, APP_PORT)
+    }
+
+    /// Any `weft-testapp` subcommand that listens on `port`, once it does.
+    pub fn start(binary: &str, pod: &Pod, args: &[&str], port: u16) -> Result<Self> {
+        let child = pod
+            .command(binary)?
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting weft-testapp in {}", pod.name))?;
+        let app = Self {
+            child,
+            pod: pod.clone(),
+        };
+        wait_for_tcp(pod, port, Duration::from_secs(10))?;
+        Ok(app)
+    }
+
+    /// The server's counters, read inside its pod (never through the mesh).
+    pub fn stats(&self) -> Result<Value> {
+        let out = self
+            .pod
+            .command("curl")?
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{APP_STATS_PORT}/_stats"))
+            .output()?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "stats of the app in {}: {}",
+                self.pod.name,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// One of the server's counters (`requests`, `failed`, `late`, ...).
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        self.stats()?[name]
+            .as_u64()
+            .with_context(|| format!("stats of the app in {} without {name}", self.pod.name))
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `weft-testapp load` from `pod` with `args`; its JSON summary.
+pub fn load(binary: &str, pod: &Pod, args: &[&str]) -> Result<Value> {
+    let out = pod
+        .command(binary)?
+        .arg("load")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running weft-testapp load")?;
+    ensure!(
+        out.status.success(),
+        "load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "load printed no JSON: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// An agent on every node of `lab` configured from `mesh`, with every pod enrolled.
+pub fn start_meshed_agents(lab: &Lab, mesh: &Mesh) -> Result<Vec<Agent>> {
+    lab.nodes
+        .iter()
+        .map(|node| {
+            let pods: Vec<&Pod> = node.pods.iter().collect();
+            Agent::start_with(lab, node, &mesh.config_yaml(node, &pods), &pods)
+        })
+        .collect()
 }
