@@ -3,13 +3,17 @@
 //! (`weft-testapp`) and agents on two nodes (need root).
 use std::{
     process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use weft_lab_tests::TestLab;
+use weft_lab_tests::{curl, TestLab};
 use xtask::{
     agent::{Agent, Mesh},
     lab::{wait_for_tcp, Lab, Node, Pod},
@@ -183,10 +187,19 @@ fn http_requests_to_a_service_are_balanced_across_its_endpoints() -> Result<()> 
     Ok(())
 }
 
-/// A `services:` entry with its own `ports` list (a YAML flow sequence).
-fn service_with_ports(name: &str, vip: &str, app: &str, ports: &str, extra: &str) -> String {
+/// A `services:` entry with its own `ports` (a YAML flow sequence) and `selector` (a YAML flow
+/// mapping).
+fn service_entry(name: &str, vip: &str, ports: &str, selector: &str) -> String {
     format!(
-        "  - name: {name}\n    namespace: lab\n    vips: [{vip}]\n    ports: {ports}\n    selector: {{app: {app}}}\n{extra}"
+        "  - name: {name}\n    namespace: lab\n    vips: [{vip}]\n    ports: {ports}\n    selector: {selector}\n"
+    )
+}
+
+/// A `routes:` entry attached to port 80 of `parent` with one rule, `rule` being its fields as
+/// YAML flow text (e.g. `retry: {attempts: 1}`).
+fn route(name: &str, parent: &str, rule: &str) -> String {
+    format!(
+        "  - metadata: {{name: {name}, namespace: lab}}\n    spec:\n      parentRefs: [{{name: {parent}, port: 80}}]\n      rules:\n        - {rule}\n"
     )
 }
 
@@ -197,9 +210,9 @@ fn label(mesh: &mut Mesh, pod: &str, labels: &str) -> Result<()> {
 }
 
 /// A raw TCP client run by perl inside a pod (so the pod's capture applies), bounded to 5 s.
-/// `banner ADDR`: times the first line the server sends after connecting, then checks that a
-/// line sent is echoed. `send ADDR`: writes stdin, half-closes nothing, and prints everything
-/// read until the peer closes.
+/// `banner ADDR`: times the first line the server sends after connecting, then sends a line
+/// and reads its echo. `send ADDR`: writes stdin to the connection and prints everything read
+/// until the peer closes it.
 const RAW_CLIENT: &str = r#"
 use strict; use warnings; use IO::Socket::INET; use Time::HiRes qw(time);
 my ($mode, $addr) = @ARGV;
@@ -319,29 +332,21 @@ fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result
     label(&mut mesh, "b2", "{app: banner}")?;
     label(&mut mesh, "a2", "{app: echo}")?;
     mesh.services = [
-        service_with_ports(
+        service_entry(
             "web",
             "10.96.0.10",
-            "web",
             "[{port: 80, target_port: 8080}, {port: 81, target_port: 8080, protocol: grpc}]",
-            "",
+            "{app: web}",
         ),
         // One server-speaks-first server behind a port declared tcp, a port of the default
         // opaque_ports and a port with neither, which waits out detection.
-        service_with_ports(
+        service_entry(
             "banner",
             "10.96.0.20",
-            "banner",
-            "[{port: 7000, target_port: 7000, protocol: tcp}, {port: 6379, target_port: 7000}, {port: 7001, target_port: 7000}]",
-            "",
+            "[{port: 7000, protocol: tcp}, {port: 6379, target_port: 7000}, {port: 7001, target_port: 7000}]",
+            "{app: banner}",
         ),
-        service_with_ports(
-            "echo",
-            "10.96.0.30",
-            "echo",
-            "[{port: 9000, target_port: 9000}]",
-            "",
-        ),
+        service_entry("echo", "10.96.0.30", "[{port: 9000}]", "{app: echo}"),
     ]
     .concat();
     let agents = start_agents(&lab, &mesh)?;
@@ -404,7 +409,6 @@ fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result
     let declared = banner_wait_ms(a1, "10.96.0.20:7000", "hello banner", 3)?;
     let well_known = banner_wait_ms(a1, "10.96.0.20:6379", "hello banner", 3)?;
     let detected = banner_wait_ms(a1, "10.96.0.20:7001", "hello banner", 3)?;
-    eprintln!("TIMES {declared} {well_known} {detected}");
     ensure!(
         declared < 60.0 && well_known < 60.0,
         "an opaque port waited for detection: declared tcp {declared} ms, opaque_ports {well_known} ms"
@@ -430,6 +434,11 @@ fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result
         raw["equal"] == true && raw["received"] == 1_000_000 && raw["error"].is_null(),
         "binary through the echo service: {raw}"
     );
+    let stats = &agents[0].stats()?["services"]["lab/echo:9000"];
+    ensure!(
+        stats["connections"] == 1 && stats["requests"] == 0,
+        "the binary stream should have been relayed as one opaque connection: {stats}"
+    );
     Ok(())
 }
 
@@ -454,13 +463,16 @@ fn malformed_and_oversized_requests_get_400_and_431() -> Result<()> {
         );
         Ok(())
     };
-    let ended_with_error = |reason: &str| {
-        agents[0]
-            .log()
-            .lines()
-            .filter(|l| l.contains("HTTP connection from the pod ended with an error"))
-            .filter(|l| l.contains(reason))
-            .count()
+    // The agent logs once it is done with the connection, which may be after the client has
+    // read the answer.
+    let logged = |reason: &str| {
+        wait_until(Duration::from_secs(5), || {
+            Ok(agents[0]
+                .log()
+                .lines()
+                .filter(|l| l.contains("HTTP connection from the pod ended with an error"))
+                .any(|l| l.contains(reason)))
+        })
     };
     served(10)?;
 
@@ -476,7 +488,7 @@ fn malformed_and_oversized_requests_get_400_and_431() -> Result<()> {
         "a malformed header got: {malformed:?}"
     );
     ensure!(
-        ended_with_error("invalid HTTP header") == 1,
+        logged("invalid HTTP header")?,
         "no log line for the malformed request:\n{}",
         agents[0].log()
     );
@@ -491,7 +503,7 @@ fn malformed_and_oversized_requests_get_400_and_431() -> Result<()> {
         "a 100 KB header got: {answer:?}"
     );
     ensure!(
-        ended_with_error("too large") == 1,
+        logged("too large")?,
         "no log line for the oversized request:\n{}",
         agents[0].log()
     );
@@ -508,25 +520,25 @@ fn a_route_splits_requests_by_weight() -> Result<()> {
     label(&mut mesh, "b2", "{app: echo, track: v2}")?;
     mesh.services = [
         service("echo", "10.96.0.10", "echo", ""),
-        service_with_ports(
+        service_entry(
             "echo-v1",
             "10.96.0.11",
-            "echo",
             "[{port: 80, target_port: 8080}]",
-            "",
-        )
-        .replace("{app: echo}", "{track: v1}"),
-        service_with_ports(
+            "{track: v1}",
+        ),
+        service_entry(
             "echo-v2",
             "10.96.0.12",
-            "echo",
             "[{port: 80, target_port: 8080}]",
-            "",
-        )
-        .replace("{app: echo}", "{track: v2}"),
+            "{track: v2}",
+        ),
     ]
     .concat();
-    mesh.routes = "  - metadata: {name: split, namespace: lab}\n    spec:\n      parentRefs: [{name: echo, port: 80}]\n      rules:\n        - backendRefs: [{name: echo-v1, weight: 90}, {name: echo-v2, weight: 10}]\n".into();
+    mesh.routes = route(
+        "split",
+        "echo",
+        "backendRefs: [{name: echo-v1, weight: 90}, {name: echo-v2, weight: 10}]",
+    );
     let agents = start_agents(&lab, &mesh)?;
     let (v1, v2) = (App::serve(b1, "v1", &[])?, App::serve(b2, "v2", &[])?);
     let summary = load(
@@ -560,10 +572,6 @@ fn a_route_splits_requests_by_weight() -> Result<()> {
         counters["requests"] == 10_000 && counters["responses_2xx"] == 10_000,
         "{counters}"
     );
-    eprintln!(
-        "split {n1}/{n2} in {} s, p99 {} us",
-        summary["seconds"], summary["latency_us"]["p99"]
-    );
     Ok(())
 }
 
@@ -578,7 +586,11 @@ fn mirrored_requests_reach_a_failing_shadow_without_touching_the_caller() -> Res
         service("shadow", "10.96.0.11", "shadow", ""),
     ]
     .concat();
-    mesh.routes = "  - metadata: {name: mirror, namespace: lab}\n    spec:\n      parentRefs: [{name: echo, port: 80}]\n      rules:\n        - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]\n".into();
+    mesh.routes = route(
+        "mirror",
+        "echo",
+        "filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]",
+    );
     let agents = start_agents(&lab, &mesh)?;
     let echo = App::serve(b1, "echo", &[])?;
     let shadow = App::serve(
@@ -586,22 +598,45 @@ fn mirrored_requests_reach_a_failing_shadow_without_touching_the_caller() -> Res
         "shadow",
         &["--fail-percent", "100", "--delay-ms", "200"],
     )?;
+    const REQUESTS: u64 = 3000;
     let summary = load(
         a1,
         &[
             "--url",
             "http://10.96.0.10/",
             "--requests",
-            "5000",
+            &REQUESTS.to_string(),
             "--concurrency",
             "16",
+            "--rate",
+            "1000",
         ],
     )?;
-    eprintln!("{summary}");
-    eprintln!("{} {}", echo.stats()?, shadow.stats()?);
-    thread::sleep(Duration::from_secs(3));
-    eprintln!("{} {}", echo.stats()?, shadow.stats()?);
-    eprintln!("{}", agents[0].stats()?["services"]);
+    ensure!(
+        status_count(&summary, 200) == REQUESTS && summary["bodies"]["echo"] == REQUESTS,
+        "the caller must see the primary's 200s only: {summary}"
+    );
+    // Waiting on the shadow's 200 ms (or its 503s) even for 1% of requests would show here.
+    let p99_us = summary["latency_us"]["p99"].as_u64().unwrap_or(u64::MAX);
+    ensure!(p99_us < 50_000, "caller p99 {p99_us} us: {summary}");
+    ensure!(echo.requests()? == REQUESTS, "primary: {}", echo.stats()?);
+    // Mirrored requests finish in the background, 200 ms after the caller's; the shadow counts
+    // a failure once it answers.
+    wait_until(Duration::from_secs(10), || {
+        Ok(shadow.stats()?["failed"].as_u64() >= Some(REQUESTS))
+    })?;
+    let seen = shadow.stats()?;
+    ensure!(
+        seen["requests"] == REQUESTS && seen["failed"] == REQUESTS,
+        "the shadow should have received and failed every request: {seen}"
+    );
+    let counters = &agents[0].stats()?["services"]["lab/echo:80"];
+    ensure!(
+        counters["mirrored"] == REQUESTS
+            && counters["responses_2xx"] == REQUESTS
+            && counters["responses_5xx"] == 0,
+        "{counters}"
+    );
     Ok(())
 }
 
@@ -610,45 +645,253 @@ fn retries_hide_an_endpoint_failing_half_the_time() -> Result<()> {
     let (lab, mut mesh) = l7_lab("l7ret", 1)?;
     let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
     label(&mut mesh, "b1", "{app: flaky}")?;
+    // A budget as large as the traffic: here every request may need a retry.
     let budget = "    retry_budget: {ratio: 1.0, min_per_second: 10, window_ms: 10000}\n";
     mesh.services = [
         service("flaky", "10.96.0.10", "flaky", budget),
         service("noretry", "10.96.0.11", "flaky", budget),
     ]
     .concat();
-    let route = |name: &str, parent: &str, attempts: u32| {
-        format!("  - metadata: {{name: {name}, namespace: lab}}\n    spec:\n      parentRefs: [{{name: {parent}, port: 80}}]\n      rules:\n        - retry: {{attempts: {attempts}, on: [5xx]}}\n")
+    // Short backoffs keep the run short; they do not change which tries fail.
+    let retry = |attempts: u32| {
+        format!("retry: {{attempts: {attempts}, on: [5xx], backoff: 5ms, maxBackoff: 20ms}}")
     };
-    mesh.routes = [route("retry", "flaky", 3), route("once", "noretry", 0)].concat();
+    mesh.routes = [
+        route("retry", "flaky", &retry(3)),
+        route("once", "noretry", &retry(0)),
+    ]
+    .concat();
     let agents = start_agents(&lab, &mesh)?;
     let flaky = App::serve(b1, "flaky", &["--fail-percent", "50"])?;
-    for c in ["1", "2", "4", "8"] {
-        let summary = load(
-            a1,
-            &[
-                "--url",
-                "http://10.96.0.10/",
-                "--requests",
-                "2000",
-                "--concurrency",
-                c,
-            ],
-        )?;
-        eprintln!("c={c} {summary}");
+    // The app fails every other request it receives, so the retry of a lone caller's failed
+    // try lands on a success. Concurrent callers' tries interleave: a retry can land on a
+    // failing turn too, and a few percent of requests could fail all four tries.
+    let retried = load(a1, &["--url", "http://10.96.0.10/", "--requests", "1000"])?;
+    let ok = status_count(&retried, 200);
+    ensure!(
+        ok >= 990,
+        "with retries only {ok} of 1000 succeeded: {retried}"
+    );
+    let counters = agents[0].stats()?["services"]["lab/flaky:80"].clone();
+    let retries = counters["retries"].as_u64().unwrap_or(0);
+    ensure!(
+        retries >= 400 && counters["retries_suppressed"] == 0,
+        "the agent should have retried about every other request: {counters}"
+    );
+    let seen = flaky.requests()?;
+    ensure!(
+        seen == 1000 + retries,
+        "the app saw {seen} requests for 1000 calls and {retries} retries"
+    );
+
+    let control = load(a1, &["--url", "http://10.96.0.11/", "--requests", "1000"])?;
+    let failed = 1000 - status_count(&control, 200);
+    ensure!(
+        (450..=550).contains(&failed) && status_count(&control, 503) == failed,
+        "without retries about half should fail with the app's 503: {control}"
+    );
+    let counters = &agents[0].stats()?["services"]["lab/noretry:80"];
+    ensure!(counters["retries"] == 0, "{counters}");
+    Ok(())
+}
+
+/// Load batches run back to back from `pod` until stopped: when each started, and its summary.
+struct BackgroundLoad {
+    stop: Arc<AtomicBool>,
+    batches: Arc<Mutex<Vec<(Instant, Value)>>>,
+    thread: Option<thread::JoinHandle<Result<()>>>,
+}
+
+impl BackgroundLoad {
+    fn start(pod: &Pod, args: &[&str]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (pod, args): (Pod, Vec<String>) =
+            (pod.clone(), args.iter().map(|a| a.to_string()).collect());
+        let thread = {
+            let (stop, batches) = (Arc::clone(&stop), Arc::clone(&batches));
+            thread::spawn(move || -> Result<()> {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let summary = load(&pod, &args)?;
+                    batches.lock().unwrap().push((started, summary));
+                }
+                Ok(())
+            })
+        };
+        Self {
+            stop,
+            batches,
+            thread: Some(thread),
+        }
     }
-    let summary = load(
+
+    fn completed(&self) -> usize {
+        self.batches.lock().unwrap().len()
+    }
+
+    fn finish(mut self) -> Result<Vec<(Instant, Value)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        }
+        Ok(std::mem::take(&mut *self.batches.lock().unwrap()))
+    }
+}
+
+impl Drop for BackgroundLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Requests of a load summary that did not get a 2xx.
+fn failures(summary: &Value) -> u64 {
+    summary["requests"].as_u64().unwrap_or(0) - summary["ok"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_dead_endpoint_is_ejected_and_probed_back_in() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7ej", 3)?;
+    let (a1, a2, b1, b2) = (
+        lab.pod("a1")?,
+        lab.pod("a2")?,
+        lab.pod("b1")?,
+        lab.pod("b2")?,
+    );
+    for pod in ["a2", "b1", "b2"] {
+        label(&mut mesh, pod, "{app: echo}")?;
+    }
+    // Five failures in a row eject (the default); short ejections bound how long a restarted
+    // app waits for its probe.
+    mesh.services = service(
+        "echo",
+        "10.96.0.10",
+        "echo",
+        "    outlier_detection: {max_ejection_ms: 2000}\n",
+    );
+    let agents = start_agents(&lab, &mesh)?;
+    let _one = App::serve(a2, "one", &[])?;
+    let two = App::serve(b1, "two", &[])?;
+    let _three = App::serve(b2, "three", &[])?;
+    let background = BackgroundLoad::start(
         a1,
         &[
             "--url",
-            "http://10.96.0.11/",
+            "http://10.96.0.10/",
             "--requests",
-            "2000",
+            "200",
+            "--rate",
+            "400",
             "--concurrency",
-            "4",
+            "8",
         ],
-    )?;
-    eprintln!("control {summary}");
-    eprintln!("{}", agents[0].stats()?["services"]);
-    eprintln!("{}", flaky.stats()?);
+    );
+    ensure!(
+        wait_until(Duration::from_secs(10), || Ok(background.completed() >= 3))?,
+        "the load did not run"
+    );
+    ensure!(two.requests()? > 0, "the endpoint to kill got no traffic");
+    drop(two);
+
+    let dead = format!("{}:{APP_PORT}", b1.ip);
+    let ejections = || {
+        agents[0]
+            .log()
+            .lines()
+            .filter(|l| l.contains("endpoint ejected") && l.contains(&dead))
+            .count()
+    };
+    ensure!(
+        wait_until(Duration::from_secs(5), || Ok(ejections() > 0))?,
+        "{dead} was not ejected within 5 s of its app dying; the client's agent: {} {}",
+        agents[0].stats()?["endpoints"],
+        agents[0].stats()?["services"]
+    );
+    let ejected_at = Instant::now();
+    // Dead for a while: probes fail and must not reach callers.
+    thread::sleep(Duration::from_secs(3));
+    let two = App::serve(b1, "two", &[])?;
+    let back = wait_until(Duration::from_secs(5), || Ok(two.requests()? > 0))?;
+    thread::sleep(Duration::from_secs(1));
+    let batches = background.finish()?;
+
+    let total_failed: u64 = batches.iter().map(|(_, s)| failures(s)).sum();
+    let after: Vec<&Value> = batches
+        .iter()
+        .filter(|(start, _)| *start >= ejected_at)
+        .map(|(_, s)| s)
+        .collect();
+    let (after_requests, after_failed) = after.iter().fold((0, 0), |(n, f), s| {
+        (n + s["requests"].as_u64().unwrap_or(0), f + failures(s))
+    });
+    let statuses: Vec<String> = batches
+        .iter()
+        .filter(|(_, s)| failures(s) > 0)
+        .map(|(_, s)| format!("{} {}", s["status"], s["errors"]))
+        .collect();
+    let outcome = format!(
+        "{total_failed} requests failed, {after_failed} of {after_requests} after the ejection; \
+         the restarted app got requests within 5 s: {back}; ejections logged: {}; \
+         batches with failures: {statuses:?}",
+        ejections()
+    );
+    ensure!(total_failed <= 10, "{outcome}");
+    ensure!(
+        after_requests >= 1000 && after_failed * 1000 < after_requests,
+        "{outcome}"
+    );
+    ensure!(back, "{outcome}");
+    Ok(())
+}
+
+#[test]
+fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7rst", 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    label(&mut mesh, "b1", "{app: echo}")?;
+    mesh.services = service("echo", "10.96.0.10", "echo", "");
+    let agents = start_agents(&lab, &mesh)?;
+    let args = ["--url", "http://10.96.0.10/", "--requests", "20"];
+    let app = App::serve(b1, "echo", &[])?;
+    let before = load(a1, &args)?;
+    ensure!(status_count(&before, 200) == 20, "{before}");
+    // The agent's pooled connection to the endpoint outlives the app process.
+    drop(app);
+    // Meanwhile a connection to the closed port is refused at once, not left to time out.
+    let started = Instant::now();
+    let refused = curl(a1, &format!("http://{}:{APP_PORT}/", b1.ip))?;
+    ensure!(
+        refused.exit_code != Some(0) && started.elapsed() < Duration::from_secs(2),
+        "a connection to the dead app took {:?}: {refused:?}",
+        started.elapsed()
+    );
+    let app = App::serve(b1, "echo", &[])?;
+    let after = load(a1, &args)?;
+    ensure!(
+        status_count(&after, 200) == 20,
+        "after the app restarted: {after}; the app saw {} requests; client agent: {}",
+        app.requests()?,
+        agents[0].stats()?["services"]["lab/echo:80"]
+    );
     Ok(())
 }

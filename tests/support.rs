@@ -47,6 +47,7 @@ impl Drop for TestLab {
     }
 }
 
+#[derive(Debug)]
 pub struct CurlResult {
     pub exit_code: Option<i32>,
     pub body: String,

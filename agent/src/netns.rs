@@ -143,12 +143,16 @@ impl PodNetns {
 
     /// Routes the replies of the app's connections from transparently bound delivery sockets back
     /// to the agent: those connections carry `mark` (the pod's kernel copies an incoming SYN's
-    /// mark to the accepted socket with `tcp_fwmark_accept`), and marked packets are routed to
-    /// loopback. Everything the app does otherwise is unmarked and untouched.
+    /// mark to the accepted socket with `tcp_fwmark_accept`, and the kernel's own replies such as
+    /// the reset of a closed port carry the mark of what they answer with `fwmark_reflect`), and
+    /// marked packets are routed to loopback. Without `fwmark_reflect` a delivery to a port the
+    /// app no longer listens on would wait for its connect timeout instead of being refused.
+    /// Everything the app does otherwise is unmarked and untouched.
     pub async fn route_marked_replies_locally(&self, mark: u32) -> io::Result<()> {
         self.run(move || {
             // /proc/sys/net shows the namespace of the thread that opens it: this one's.
             std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+            std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
             let table = mark.to_string();
             let mark = format!("{mark:#x}");
             let rules = ip_command(&["rule", "show", "fwmark", &mark])?;

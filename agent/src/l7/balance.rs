@@ -38,14 +38,12 @@ const DECAY: Duration = Duration::from_secs(10);
 /// in-flight counts tell them apart, and the first response replaces it whatever its value.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 
-/// A failure counts as a sample of at least this many times the current estimate. Failures are
-/// often fast (refused, reset, an immediate 503); counted at their own latency they would make a
-/// failing endpoint look like the fastest and draw more traffic. Doubling per failure sheds
-/// traffic from an endpoint that fails intermittently, which consecutive-failure ejection alone
-/// never catches, and successes bring the estimate back within a few DECAYs. After a short
-/// ejection the inflated estimate also makes a restored endpoint ramp up rather than take a full
-/// share at once.
-const FAILURE_PENALTY: f64 = 2.0;
+// Failures leave the latency estimate alone. Counted at their own latency, fast failures
+// (refused, reset, an immediate 503) would make a failing endpoint look like the fastest and
+// draw traffic; counted as slow, P2C would stop picking it after one failure, so the consecutive
+// failures that eject it would come only as the estimate decays (tens of seconds) and a dead
+// endpoint would be neither ejected nor probed back in promptly. Ejection handles failures;
+// the estimate follows answers.
 
 /// Floor of the estimate: keeps in-flight counts meaningful (a zero estimate would make every
 /// cost zero) after zero-latency samples or a long idle decay.
@@ -288,7 +286,7 @@ impl fmt::Debug for Pick {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Outcome {
     Success,
     Failure,
@@ -367,11 +365,9 @@ impl State {
             }
         }
         let (outcome, latency, now) = outcome?;
-        let sample_ns = match outcome {
-            Outcome::Success => nanos(latency),
-            Outcome::Failure => nanos(latency).max(endpoint.rtt.estimate_ns * FAILURE_PENALTY),
-        };
-        endpoint.rtt.observe(sample_ns, now);
+        if outcome == Outcome::Success {
+            endpoint.rtt.observe(nanos(latency), now);
+        }
         if !current {
             return None;
         }
@@ -838,25 +834,19 @@ mod tests {
     }
 
     #[test]
-    fn failures_never_make_an_endpoint_look_faster() {
+    fn failures_leave_the_latency_estimate_alone() {
         let (a, b) = (ep(1), ep(2));
         let balancer = Balancer::new(vec![a, b], OutlierSettings::default());
         let now = Instant::now();
         pick_only(&balancer, a, now).success(ms(10), now);
         pick_only(&balancer, b, now).success(ms(10), now);
         pick_only(&balancer, a, now).failure(Duration::from_micros(50), now);
-        assert_eq!(
-            view(&balancer, a).ewma_latency,
-            ms(20),
-            "fast failure: penalty"
-        );
-        assert_eq!(count_picks(&balancer, a, now, 100), 0);
+        assert_eq!(view(&balancer, a).ewma_latency, ms(10), "a fast failure");
         pick_only(&balancer, b, now).failure(ms(500), now);
-        assert_eq!(
-            view(&balancer, b).ewma_latency,
-            ms(500),
-            "slow failure: its latency"
-        );
+        assert_eq!(view(&balancer, b).ewma_latency, ms(10), "a slow failure");
+        // So a failing endpoint keeps its share of picks until it is ejected.
+        let picks = count_picks(&balancer, a, now, 1000);
+        assert!((350..=650).contains(&picks), "{picks} of 1000");
     }
 
     #[test]
@@ -1108,7 +1098,7 @@ mod tests {
         pick_only(&balancer, c, now).success(ms(100), now);
         fail(&balancer, a, now, 1);
         let a_before = view(&balancer, a);
-        assert_eq!(a_before.ewma_latency, ms(40));
+        assert_eq!(a_before.ewma_latency, ms(20));
         let held_b = pick_only(&balancer, b, now);
         let held_e = pick_only(&balancer, e, now);
 
@@ -1120,8 +1110,8 @@ mod tests {
         assert_eq!(view(&balancer, b).in_flight, 1);
         assert_eq!(
             view(&balancer, d).ewma_latency,
-            ms(40),
-            "median of 5, 40, 100"
+            ms(20),
+            "median of 5, 20, 100"
         );
         assert_eq!(view(&balancer, d).ejected_until, None);
 
@@ -1138,7 +1128,7 @@ mod tests {
         balancer.update(vec![a, b, c], ejecting_after(1));
         held_c.success(ms(1), now);
         assert_eq!(view(&balancer, c).in_flight, 0);
-        assert_eq!(view(&balancer, c).ewma_latency, ms(40), "median of a and b");
+        assert_eq!(view(&balancer, c).ewma_latency, ms(20), "median of a and b");
     }
 
     #[test]

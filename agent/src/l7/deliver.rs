@@ -2,8 +2,14 @@
 //! to the app one by one over a connection of their own, so the agent can answer a request
 //! whose deadline passed in transit without bothering the app, and mark a failing answer whose
 //! trace this agent already gave up retrying (see `trace`).
+//!
+//! The stream lives as long as its app connection: when the app closes it (an idle keep-alive
+//! timeout, a restart), the stream is finished gracefully, so the source agent's pooled
+//! connection ends and its next request opens a new stream and a new app connection. A request
+//! caught in between never reaches the app and is answered so (see [`UNDELIVERED`]).
 use std::{
     convert::Infallible,
+    pin::pin,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Instant, SystemTime},
 };
@@ -22,11 +28,15 @@ use tracing::debug;
 
 use super::{
     deadline::request_deadline,
-    http::{agent_reply, ProxyBody},
+    http::{agent_reply, until_finished, ProxyBody},
     retry::RETRIES_EXHAUSTED,
     trace::trace_id,
 };
 use crate::{config::PodId, proxy::ProxyContext, stats::InboundCounters, tunnel::TunnelIo};
+
+/// Header of an answer to a request that was not written to the app because its connection had
+/// closed: the source agent treats it as a failed connect, which is safe to retry.
+pub const UNDELIVERED: &str = "x-weft-undelivered";
 
 /// The connection to the app that a stream's requests go through.
 enum AppConnection {
@@ -59,12 +69,16 @@ pub async fn serve(
 ) -> Result<(), hyper::Error> {
     let _ = app.set_nodelay(true);
     let app = TokioIo::new(app);
+    // Cancelled when the app connection ends or the agent drains.
+    let finish = ctx.draining.child_token();
+    let app_closed = finish.clone();
     let connection = if http2 {
         let (sender, connection) = http2::handshake(TokioExecutor::new(), app).await?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 debug!(error = %err, "app HTTP/2 connection ended");
             }
+            app_closed.cancel();
         });
         AppConnection::Http2(sender)
     } else {
@@ -73,13 +87,15 @@ pub async fn serve(
             if let Err(err) = connection.await {
                 debug!(error = %err, "app HTTP/1.1 connection ended");
             }
+            app_closed.cancel();
         });
         AppConnection::Http1(Mutex::new(sender))
     };
     let connection = Arc::new(connection);
+    let service_ctx = Arc::clone(&ctx);
     let service = service_fn(move |request| {
         let (ctx, pod, counters, connection) = (
-            Arc::clone(&ctx),
+            Arc::clone(&service_ctx),
             pod.clone(),
             Arc::clone(&counters),
             Arc::clone(&connection),
@@ -87,15 +103,15 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(deliver(&ctx, &pod, &counters, &connection, request).await) }
     });
     let stream = TokioIo::new(stream);
-    if http2 {
-        conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(stream, service)
-            .await
+    let served = if http2 {
+        let connection =
+            conn::http2::Builder::new(TokioExecutor::new()).serve_connection(stream, service);
+        until_finished(&ctx, &finish, pin!(connection), |c| c.graceful_shutdown()).await
     } else {
-        conn::http1::Builder::new()
-            .serve_connection(stream, service)
-            .await
-    }
+        let connection = conn::http1::Builder::new().serve_connection(stream, service);
+        until_finished(&ctx, &finish, pin!(connection), |c| c.graceful_shutdown()).await
+    };
+    served.unwrap_or(Ok(()))
 }
 
 async fn deliver(
@@ -121,6 +137,17 @@ async fn deliver(
     let trace = trace_id(request.headers());
     let mut response = match app.send(request).await {
         Ok(response) => response.map(|body| body.boxed()),
+        Err(err) if err.is_closed() || err.is_canceled() => {
+            debug!(%pod, error = %err, "the app connection had closed; request not delivered");
+            let mut reply = agent_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the connection to the app had closed",
+            );
+            reply
+                .headers_mut()
+                .insert(UNDELIVERED, HeaderValue::from_static("1"));
+            return reply;
+        }
         Err(err) => {
             debug!(%pod, error = %err, "the app failed before answering");
             return agent_reply(StatusCode::BAD_GATEWAY, "the app failed before answering");

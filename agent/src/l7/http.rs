@@ -24,6 +24,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{body::Incoming, server::conn, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{
@@ -56,6 +57,7 @@ pub async fn serve(
     protocol: Protocol,
     entry: Arc<ServicePortEntry>,
 ) {
+    let counters = ctx.stats.service(&entry.backend.id);
     let service = {
         let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
         service_fn(move |request| {
@@ -68,25 +70,38 @@ pub async fn serve(
         let connection = conn::http2::Builder::new(TokioExecutor::new())
             .max_header_list_size(MAX_REQUEST_HEAD_BYTES as u32)
             .serve_connection(io, service);
-        until_drained(&ctx, pin!(connection), |c| c.graceful_shutdown()).await
+        until_finished(&ctx, &ctx.draining, pin!(connection), |c| {
+            c.graceful_shutdown()
+        })
+        .await
     } else {
         let connection = conn::http1::Builder::new()
             .max_buf_size(MAX_REQUEST_HEAD_BYTES)
             .serve_connection(io, service)
             .with_upgrades();
-        until_drained(&ctx, pin!(connection), |c| c.graceful_shutdown()).await
+        until_finished(&ctx, &ctx.draining, pin!(connection), |c| {
+            c.graceful_shutdown()
+        })
+        .await
     };
     if let Some(Err(err)) = served {
-        // Malformed requests and oversized heads were answered (400/431) by hyper before this.
+        // hyper answered malformed requests (400) and oversized heads (431) before this.
+        if err.is_parse() || err.is_parse_too_large() {
+            counters.requests.fetch_add(1, Relaxed);
+            counters.responses_4xx.fetch_add(1, Relaxed);
+            counters.local_replies.fetch_add(1, Relaxed);
+        }
         info!(pod = %pod.id, error = %err, "HTTP connection from the pod ended with an error");
     }
 }
 
-/// Drives a client connection; once the agent drains, asks it to finish gracefully (HTTP/1.1:
-/// close after the request in progress; HTTP/2: GOAWAY), so idle keep-alive connections do not
-/// hold the drain for its whole period. `None` when the drain period ended first.
-async fn until_drained<C>(
+/// Drives a served HTTP connection; once `finish` is cancelled (the agent drains, or the
+/// connection has nowhere left to send requests), asks it to finish gracefully (HTTP/1.1: close
+/// after the request in progress; HTTP/2: GOAWAY), so idle keep-alive connections do not hold
+/// the drain for its whole period. `None` when the drain period ended first.
+pub async fn until_finished<C>(
     ctx: &ProxyContext,
+    finish: &CancellationToken,
     mut connection: Pin<&mut C>,
     graceful_shutdown: impl FnOnce(Pin<&mut C>),
 ) -> Option<hyper::Result<()>>
@@ -95,7 +110,7 @@ where
 {
     tokio::select! {
         served = connection.as_mut() => return Some(served),
-        () = ctx.draining.cancelled() => graceful_shutdown(connection.as_mut()),
+        () = finish.cancelled() => graceful_shutdown(connection.as_mut()),
         () = ctx.abort.cancelled() => return None,
     }
     tokio::select! {

@@ -25,7 +25,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::body::ReplayBody;
+use super::{body::ReplayBody, deliver::UNDELIVERED};
 use crate::{
     lock,
     proxy::{open_upstream, PodProxy, ProxyContext, Upstream},
@@ -77,6 +77,7 @@ impl ConnectionPool {
         if request.version() == Version::HTTP_2 {
             let (mut sender, transport) = self.http2_sender(ctx, pod, endpoint).await?;
             let response = sender.send_request(request).await.map_err(classify)?;
+            undelivered(&response)?;
             return Ok((
                 response.map(|inner| PooledBody {
                     inner,
@@ -103,6 +104,7 @@ impl ConnectionPool {
         };
         sender.ready().await.map_err(classify)?;
         let response = sender.send_request(request).await.map_err(classify)?;
+        undelivered(&response)?;
         let release = Some(Release {
             pool: Arc::clone(self),
             endpoint,
@@ -181,6 +183,17 @@ impl ConnectionPool {
         *slot = Some((sender.clone(), transport));
         Ok((sender, transport))
     }
+}
+
+/// The destination agent could not hand the request to the app (see [`UNDELIVERED`]): for
+/// retries and the balancer, a failed connect.
+fn undelivered(response: &Response<Incoming>) -> Result<(), SendError> {
+    if response.headers().contains_key(UNDELIVERED) {
+        return Err(SendError::Connect(anyhow!(
+            "the destination's connection to the app had closed"
+        )));
+    }
+    Ok(())
 }
 
 /// A hyper error before any response: cancelled requests were never written, so they count as
