@@ -13,8 +13,20 @@ use xtask::{
 
 const APP: &str = env!("CARGO_BIN_EXE_weft-testapp");
 
-fn load(pod: &Pod, args: &[&str]) -> Result<Value> {
-    weft_lab_tests::load(APP, pod, args)
+/// `requests` calls from a1 into the chain's first service, `concurrency` at a time, with
+/// `extra` load arguments; the load summary.
+fn call_chain(lab: &Lab, requests: u64, concurrency: u64, extra: &[&str]) -> Result<Value> {
+    let (requests, concurrency) = (requests.to_string(), concurrency.to_string());
+    let mut args = vec![
+        "--url",
+        "http://10.96.1.1/",
+        "--requests",
+        &requests,
+        "--concurrency",
+        &concurrency,
+    ];
+    args.extend_from_slice(extra);
+    weft_lab_tests::load(APP, lab.pod("a1")?, &args)
 }
 
 /// `weft-testapp serve` in `pod`, named after it.
@@ -71,17 +83,7 @@ fn a_failing_leaf_under_four_retrying_hops_sees_at_most_1_3x_the_entry_load() ->
     let agents = start_meshed_agents(&lab, &mesh)?;
     let apps = start_chain(&lab, &CHAIN, &["--fail-percent", "100"])?;
     let entry = 2000;
-    let summary = load(
-        lab.pod("a1")?,
-        &[
-            "--url",
-            "http://10.96.1.1/",
-            "--requests",
-            &entry.to_string(),
-            "--concurrency",
-            "8",
-        ],
-    )?;
+    let summary = call_chain(&lab, entry, 8, &[])?;
     ensure!(
         summary["status"]["503"] == entry,
         "every call fails at the leaf: {summary}"
@@ -120,17 +122,7 @@ fn without_budgets_the_same_chain_multiplies_load_at_the_leaf() -> Result<()> {
     let _agents = start_meshed_agents(&lab, &mesh)?;
     let apps = start_chain(&lab, &CHAIN, &["--fail-percent", "100"])?;
     let entry = 300;
-    load(
-        lab.pod("a1")?,
-        &[
-            "--url",
-            "http://10.96.1.1/",
-            "--requests",
-            &entry.to_string(),
-            "--concurrency",
-            "8",
-        ],
-    )?;
+    call_chain(&lab, entry, 8, &[])?;
     let leaf = apps[3].counter("requests")?;
     // Five retries at the hop next to the leaf, for every call.
     ensure!(
@@ -158,19 +150,7 @@ fn deadlines_cut_a_slow_chain_at_the_edge_and_never_reach_the_leaf_late() -> Res
         "x-weft-deadline:{}",
         unix_ms_in(Duration::from_millis(deadline_ms))?
     );
-    let summary = load(
-        lab.pod("a1")?,
-        &[
-            "--url",
-            "http://10.96.1.1/",
-            "--requests",
-            "20",
-            "--concurrency",
-            "20",
-            "--header",
-            &header,
-        ],
-    )?;
+    let summary = call_chain(&lab, 20, 20, &["--header", &header])?;
     ensure!(summary["status"]["504"] == 20, "{summary}");
     let slowest_ms = summary["latency_us"]["max"].as_f64().unwrap_or(f64::MAX) / 1000.0;
     ensure!(
@@ -188,17 +168,7 @@ fn deadlines_cut_a_slow_chain_at_the_edge_and_never_reach_the_leaf_late() -> Res
 
     // Past on arrival: answered 504 by the first agent, no app sees it.
     let past = format!("x-weft-deadline:{}", unix_ms_in(Duration::ZERO)?);
-    let summary = load(
-        lab.pod("a1")?,
-        &[
-            "--url",
-            "http://10.96.1.1/",
-            "--requests",
-            "10",
-            "--header",
-            &past,
-        ],
-    )?;
+    let summary = call_chain(&lab, 10, 1, &["--header", &past])?;
     ensure!(summary["status"]["504"] == 10, "{summary}");
     ensure!(
         apps[0].counter("requests")? == 20,
@@ -223,19 +193,7 @@ fn a_deadline_that_passes_inside_an_app_stops_at_that_app_s_agent() -> Result<()
         "x-weft-deadline:{}",
         unix_ms_in(Duration::from_millis(200))?
     );
-    let summary = load(
-        lab.pod("a1")?,
-        &[
-            "--url",
-            "http://10.96.1.1/",
-            "--requests",
-            "5",
-            "--concurrency",
-            "5",
-            "--header",
-            &header,
-        ],
-    )?;
+    let summary = call_chain(&lab, 5, 5, &["--header", &header])?;
     ensure!(summary["status"]["504"] == 5, "{summary}");
     ensure!(
         apps[0].counter("requests")? == 5,

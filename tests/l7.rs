@@ -2,7 +2,7 @@
 //! deadlines, circuit breaking and traffic shifting, with real servers and clients in pods
 //! (`weft-testapp`) and agents on two nodes (need root).
 use std::{
-    process::{Child, Stdio},
+    process::Stdio,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -13,110 +13,23 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use weft_lab_tests::{curl, TestLab};
+use weft_lab_tests::{curl, start_meshed_agents, App, TestLab, APP_PORT};
 use xtask::{
     agent::{Agent, Mesh},
-    lab::{wait_for_tcp, Lab, Node, Pod},
+    lab::Pod,
     pki::TestCa,
 };
 
 const APP: &str = env!("CARGO_BIN_EXE_weft-testapp");
-/// Where every test server listens in its pod, and where it serves its counters.
-const APP_PORT: u16 = 8080;
-const STATS_PORT: u16 = 9090;
 
-/// A testapp process in a pod, killed when dropped.
-struct App {
-    child: Child,
-    pod: Pod,
-}
-
-impl App {
-    /// `weft-testapp serve` in `pod` on APP_PORT (counters on STATS_PORT) with `args`.
-    fn serve(pod: &Pod, name: &str, args: &[&str]) -> Result<Self> {
-        let listen = format!("0.0.0.0:{APP_PORT}");
-        let stats = format!("127.0.0.1:{STATS_PORT}");
-        let mut all = vec![
-            "serve",
-            "--listen",
-            &listen,
-            "--name",
-            name,
-            "--stats-listen",
-            &stats,
-        ];
-        all.extend_from_slice(args);
-        Self::start(pod, &all, APP_PORT)
-    }
-
-    fn start(pod: &Pod, args: &[&str], port: u16) -> Result<Self> {
-        let child = pod
-            .command(APP)?
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting weft-testapp in {}", pod.name))?;
-        let app = Self {
-            child,
-            pod: pod.clone(),
-        };
-        wait_for_tcp(pod, port, Duration::from_secs(10))?;
-        Ok(app)
-    }
-
-    /// The server's counters (`/_stats`, read inside the pod, never through the mesh).
-    fn stats(&self) -> Result<Value> {
-        let out = self
-            .pod
-            .command("curl")?
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://127.0.0.1:{STATS_PORT}/_stats"))
-            .output()?;
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "stats of the app in {}: {}",
-                self.pod.name,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-    }
-
-    fn requests(&self) -> Result<u64> {
-        self.stats()?["requests"]
-            .as_u64()
-            .context("stats without requests")
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `weft-testapp serve` in `pod` named `name`, with `args`.
+fn serve(pod: &Pod, name: &str, args: &[&str]) -> Result<App> {
+    App::serve(APP, pod, name, args)
 }
 
 /// `weft-testapp load` from `pod` with `args`; its JSON summary.
 fn load(pod: &Pod, args: &[&str]) -> Result<Value> {
-    let out = pod
-        .command(APP)?
-        .arg("load")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running weft-testapp load")?;
-    ensure!(
-        out.status.success(),
-        "load failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "load printed no JSON: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    weft_lab_tests::load(APP, pod, args)
 }
 
 fn status_count(summary: &Value, status: u16) -> u64 {
@@ -135,17 +48,6 @@ fn l7_lab(name: &str, pods_per_node: usize) -> Result<(TestLab, Mesh)> {
     Ok((lab, mesh))
 }
 
-/// Agents on nodes a and b, every pod enrolled.
-fn start_agents(lab: &Lab, mesh: &Mesh) -> Result<Vec<Agent>> {
-    lab.nodes
-        .iter()
-        .map(|node: &Node| {
-            let pods: Vec<&Pod> = node.pods.iter().collect();
-            Agent::start_with(lab, node, &mesh.config_yaml(node, &pods), &pods)
-        })
-        .collect()
-}
-
 /// A service `name` at `vip`:80 in front of APP_PORT of the pods labelled `app: <app>`;
 /// `extra` adds YAML lines to its entry.
 fn service(name: &str, vip: &str, app: &str, extra: &str) -> String {
@@ -162,8 +64,8 @@ fn http_requests_to_a_service_are_balanced_across_its_endpoints() -> Result<()> 
         mesh.workload_mut(pod)?.labels = "{app: echo}";
     }
     mesh.services = service("echo", "10.96.0.10", "echo", "");
-    let agents = start_agents(&lab, &mesh)?;
-    let (one, two) = (App::serve(b1, "one", &[])?, App::serve(b2, "two", &[])?);
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let (one, two) = (serve(b1, "one", &[])?, serve(b2, "two", &[])?);
     let summary = load(
         a1,
         &[
@@ -176,7 +78,7 @@ fn http_requests_to_a_service_are_balanced_across_its_endpoints() -> Result<()> 
         ],
     )?;
     ensure!(status_count(&summary, 200) == 400, "{summary}");
-    let (n1, n2) = (one.requests()?, two.requests()?);
+    let (n1, n2) = (one.counter("requests")?, two.counter("requests")?);
     ensure!(n1 + n2 == 400, "endpoints saw {n1} + {n2} requests");
     ensure!(n1 >= 50 && n2 >= 50, "unbalanced: {n1} / {n2}");
     let counters = &agents[0].stats()?["services"]["lab/echo:80"];
@@ -349,9 +251,10 @@ fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result
         service_entry("echo", "10.96.0.30", "[{port: 9000}]", "{app: echo}"),
     ]
     .concat();
-    let agents = start_agents(&lab, &mesh)?;
-    let _web = App::serve(b1, "web", &["--grpc"])?;
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let _web = serve(b1, "web", &["--grpc"])?;
     let _banner = App::start(
+        APP,
         b2,
         &[
             "banner",
@@ -362,7 +265,7 @@ fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result
         ],
         7000,
     )?;
-    let _echo = App::start(a2, &["echo", "--listen", "0.0.0.0:9000"], 9000)?;
+    let _echo = App::start(APP, a2, &["echo", "--listen", "0.0.0.0:9000"], 9000)?;
 
     let http1 = load(a1, &["--url", "http://10.96.0.10/", "--requests", "50"])?;
     ensure!(
@@ -448,15 +351,15 @@ fn malformed_and_oversized_requests_get_400_and_431() -> Result<()> {
     let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
     label(&mut mesh, "b1", "{app: web}")?;
     mesh.services = service("web", "10.96.0.10", "web", "");
-    let agents = start_agents(&lab, &mesh)?;
-    let web = App::serve(b1, "web", &[])?;
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let web = serve(b1, "web", &[])?;
     let served = |expected: u64| -> Result<()> {
         let summary = load(a1, &["--url", "http://10.96.0.10/", "--requests", "10"])?;
         ensure!(
             status_count(&summary, 200) == 10,
             "after a bad request: {summary}"
         );
-        let seen = web.requests()?;
+        let seen = web.counter("requests")?;
         ensure!(
             seen == expected,
             "the app saw {seen} requests, expected {expected}"
@@ -539,8 +442,8 @@ fn a_route_splits_requests_by_weight() -> Result<()> {
         "echo",
         "backendRefs: [{name: echo-v1, weight: 90}, {name: echo-v2, weight: 10}]",
     );
-    let agents = start_agents(&lab, &mesh)?;
-    let (v1, v2) = (App::serve(b1, "v1", &[])?, App::serve(b2, "v2", &[])?);
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let (v1, v2) = (serve(b1, "v1", &[])?, serve(b2, "v2", &[])?);
     let summary = load(
         a1,
         &[
@@ -553,7 +456,7 @@ fn a_route_splits_requests_by_weight() -> Result<()> {
         ],
     )?;
     ensure!(status_count(&summary, 200) == 10_000, "{summary}");
-    let (n1, n2) = (v1.requests()?, v2.requests()?);
+    let (n1, n2) = (v1.counter("requests")?, v2.counter("requests")?);
     let (body1, body2) = (
         summary["bodies"]["v1"].as_u64().unwrap_or(0),
         summary["bodies"]["v2"].as_u64().unwrap_or(0),
@@ -591,9 +494,9 @@ fn mirrored_requests_reach_a_failing_shadow_without_touching_the_caller() -> Res
         "echo",
         "filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]",
     );
-    let agents = start_agents(&lab, &mesh)?;
-    let echo = App::serve(b1, "echo", &[])?;
-    let shadow = App::serve(
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let echo = serve(b1, "echo", &[])?;
+    let shadow = serve(
         b2,
         "shadow",
         &["--fail-percent", "100", "--delay-ms", "200"],
@@ -619,7 +522,11 @@ fn mirrored_requests_reach_a_failing_shadow_without_touching_the_caller() -> Res
     // Waiting on the shadow's 200 ms (or its 503s) even for 1% of requests would show here.
     let p99_us = summary["latency_us"]["p99"].as_u64().unwrap_or(u64::MAX);
     ensure!(p99_us < 50_000, "caller p99 {p99_us} us: {summary}");
-    ensure!(echo.requests()? == REQUESTS, "primary: {}", echo.stats()?);
+    ensure!(
+        echo.counter("requests")? == REQUESTS,
+        "primary: {}",
+        echo.stats()?
+    );
     // Mirrored requests finish in the background, 200 ms after the caller's; the shadow counts
     // a failure once it answers.
     wait_until(Duration::from_secs(10), || {
@@ -661,8 +568,8 @@ fn retries_hide_an_endpoint_failing_half_the_time() -> Result<()> {
         route("once", "noretry", &retry(0)),
     ]
     .concat();
-    let agents = start_agents(&lab, &mesh)?;
-    let flaky = App::serve(b1, "flaky", &["--fail-percent", "50"])?;
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let flaky = serve(b1, "flaky", &["--fail-percent", "50"])?;
     // The app fails every other request it receives, so the retry of a lone caller's failed
     // try lands on a success. Concurrent callers' tries interleave: a retry can land on a
     // failing turn too, and a few percent of requests could fail all four tries.
@@ -678,7 +585,7 @@ fn retries_hide_an_endpoint_failing_half_the_time() -> Result<()> {
         retries >= 400 && counters["retries_suppressed"] == 0,
         "the agent should have retried about every other request: {counters}"
     );
-    let seen = flaky.requests()?;
+    let seen = flaky.counter("requests")?;
     ensure!(
         seen == 1000 + retries,
         "the app saw {seen} requests for 1000 calls and {retries} retries"
@@ -789,10 +696,10 @@ fn a_dead_endpoint_is_ejected_and_probed_back_in() -> Result<()> {
         "echo",
         "    outlier_detection: {max_ejection_ms: 2000}\n",
     );
-    let agents = start_agents(&lab, &mesh)?;
-    let _one = App::serve(a2, "one", &[])?;
-    let two = App::serve(b1, "two", &[])?;
-    let _three = App::serve(b2, "three", &[])?;
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let _one = serve(a2, "one", &[])?;
+    let two = serve(b1, "two", &[])?;
+    let _three = serve(b2, "three", &[])?;
     let background = BackgroundLoad::start(
         a1,
         &[
@@ -810,7 +717,10 @@ fn a_dead_endpoint_is_ejected_and_probed_back_in() -> Result<()> {
         wait_until(Duration::from_secs(10), || Ok(background.completed() >= 3))?,
         "the load did not run"
     );
-    ensure!(two.requests()? > 0, "the endpoint to kill got no traffic");
+    ensure!(
+        two.counter("requests")? > 0,
+        "the endpoint to kill got no traffic"
+    );
     drop(two);
 
     let dead = format!("{}:{APP_PORT}", b1.ip);
@@ -830,8 +740,8 @@ fn a_dead_endpoint_is_ejected_and_probed_back_in() -> Result<()> {
     let ejected_at = Instant::now();
     // Dead for a while: probes fail and must not reach callers.
     thread::sleep(Duration::from_secs(3));
-    let two = App::serve(b1, "two", &[])?;
-    let back = wait_until(Duration::from_secs(5), || Ok(two.requests()? > 0))?;
+    let two = serve(b1, "two", &[])?;
+    let back = wait_until(Duration::from_secs(5), || Ok(two.counter("requests")? > 0))?;
     thread::sleep(Duration::from_secs(1));
     let batches = background.finish()?;
 
@@ -870,9 +780,9 @@ fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
     let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
     label(&mut mesh, "b1", "{app: echo}")?;
     mesh.services = service("echo", "10.96.0.10", "echo", "");
-    let agents = start_agents(&lab, &mesh)?;
+    let agents = start_meshed_agents(&lab, &mesh)?;
     let args = ["--url", "http://10.96.0.10/", "--requests", "20"];
-    let app = App::serve(b1, "echo", &[])?;
+    let app = serve(b1, "echo", &[])?;
     let before = load(a1, &args)?;
     ensure!(status_count(&before, 200) == 20, "{before}");
     // The agent's pooled connection to the endpoint outlives the app process.
@@ -885,12 +795,12 @@ fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
         "a connection to the dead app took {:?}: {refused:?}",
         started.elapsed()
     );
-    let app = App::serve(b1, "echo", &[])?;
+    let app = serve(b1, "echo", &[])?;
     let after = load(a1, &args)?;
     ensure!(
         status_count(&after, 200) == 20,
         "after the app restarted: {after}; the app saw {} requests; client agent: {}",
-        app.requests()?,
+        app.counter("requests")?,
         agents[0].stats()?["services"]["lab/echo:80"]
     );
     Ok(())
