@@ -22,6 +22,8 @@ const LAB_PACKAGES: &[&str] = &[
     // The benchmark's HAProxy mTLS baseline; the lab tests capture wire traffic with tcpdump.
     "haproxy",
     "tcpdump",
+    // The L7 tests' raw HTTP client (a perl script with Time::HiRes).
+    "perl",
 ];
 
 pub fn ensure() -> Result<()> {
