@@ -805,3 +805,89 @@ fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_service_without_endpoints_fails_fast() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7emp", 1)?;
+    let a1 = lab.pod("a1")?;
+    mesh.services = "  - {name: empty, namespace: lab, vips: [10.96.0.30], ports: [{port: 80}, {port: 81, protocol: tcp}], selector: {app: nobody}}\n".into();
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let started = Instant::now();
+    let out = a1
+        .command("curl")?
+        .args(["-sS", "-i", "--max-time", "5", "http://10.96.0.30/"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("x-weft-local-reply: 1"),
+        "{answer}"
+    );
+    let opaque = curl(a1, "http://10.96.0.30:81/")?;
+    ensure!(
+        opaque.exit_code != Some(0) && opaque.stderr.contains("reset"),
+        "an opaque connection without endpoints must be refused: {opaque:?}"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "failing took {:?}",
+        started.elapsed()
+    );
+    let stats = agents[0].stats()?;
+    for port in [80, 81] {
+        let counters = &stats["services"][format!("lab/empty:{port}")];
+        ensure!(counters["no_endpoint"] == 1, "port {port}: {counters}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sigterm_closes_idle_keep_alive_connections_without_waiting_out_the_drain() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7drn", 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    label(&mut mesh, "b1", "{app: echo}")?;
+    mesh.services = service("echo", "10.96.0.10", "echo", "");
+    let mut agents = start_meshed_agents(&lab, &mesh)?;
+    let app = serve(b1, "echo", &[])?;
+    // One request on a keep-alive connection, which then stays open and idle until the server
+    // side closes it.
+    let client = a1
+        .command("bash")?
+        .args([
+            "-c",
+            "exec 3<>/dev/tcp/10.96.0.10/80; printf 'GET / HTTP/1.1\\r\\nHost: echo\\r\\n\\r\\n' >&3; timeout 20 cat <&3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting bash in a1")?;
+    // The answer has arrived once the app counted the request.
+    ensure!(
+        wait_until(
+            Duration::from_secs(5),
+            || Ok(app.counter("requests")? == 1)
+        )?,
+        "the request did not arrive"
+    );
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let exit = agents[0].stop_with(libc::SIGTERM, Duration::from_secs(10))?;
+    let stopped_after = started.elapsed();
+    let out = client.wait_with_output()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("echo"),
+        "the client got {answer:?}"
+    );
+    // timeout(1) exits 124 when it has to stop cat: the agent never closed the connection.
+    ensure!(
+        out.status.code() == Some(0),
+        "the idle connection stayed open: {:?}",
+        out.status
+    );
+    ensure!(exit == Some(0), "the agent exited with {exit:?}");
+    // The lab's drain period is 3 s: an idle connection must not hold it.
+    ensure!(
+        stopped_after < Duration::from_millis(2500),
+        "the agent took {stopped_after:?} to stop"
+    );
+    Ok(())
+}
