@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use weft_lab_tests::{curl, start_meshed_agents, App, TestLab, APP_PORT};
+use weft_lab_tests::{curl, fetch, start_meshed_agents, App, TestLab, APP_PORT};
 use xtask::{
     agent::{Agent, Mesh},
     lab::Pod,
@@ -861,10 +861,7 @@ fn sigterm_closes_idle_keep_alive_connections_without_waiting_out_the_drain() ->
         .context("starting bash in a1")?;
     // The answer has arrived once the app counted the request.
     ensure!(
-        wait_until(
-            Duration::from_secs(5),
-            || Ok(app.counter("requests")? == 1)
-        )?,
+        wait_until(Duration::from_secs(5), || Ok(app.counter("requests")? == 1))?,
         "the request did not arrive"
     );
     thread::sleep(Duration::from_millis(200));
@@ -890,4 +887,63 @@ fn sigterm_closes_idle_keep_alive_connections_without_waiting_out_the_drain() ->
         "the agent took {stopped_after:?} to stop"
     );
     Ok(())
+}
+
+#[test]
+fn plaintext_http_arriving_at_a_meshed_pod_is_served_request_by_request() -> Result<()> {
+    let (lab, mesh) = l7_lab("l7pin", 2)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    // Only node b runs an agent: a1 is a client outside the mesh, b1 is PERMISSIVE.
+    let node_b = lab.node("b")?;
+    let agent = Agent::start_with(&lab, node_b, &mesh.config_yaml(node_b, &[b1]), &[b1])?;
+    let app = serve(b1, "echo", &[])?;
+    let _banner = App::start(
+        APP,
+        b1,
+        &[
+            "banner",
+            "--listen",
+            "0.0.0.0:7000",
+            "--text",
+            "hello banner",
+        ],
+        7000,
+    )?;
+    let url = format!("http://{}:{APP_PORT}/", b1.ip);
+    ensure!(fetch(a1, &url)? == "echo", "a plain request");
+    let past = format!("x-weft-deadline: {}", unix_ms_now()?);
+    let out = a1
+        .command("curl")?
+        .args(["-sS", "-i", "--max-time", "5", "-H", &past, &url])
+        .output()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        answer.starts_with("HTTP/1.1 504") && answer.contains("x-weft-local-reply: 1"),
+        "a request past its deadline: {answer}"
+    );
+    ensure!(
+        app.counter("requests")? == 1,
+        "the expired request reached the app"
+    );
+    let inbound = &agent.stats()?["inbound"]["lab/b1"];
+    ensure!(
+        inbound["plaintext"] == 2
+            && inbound["http_requests"] == 2
+            && inbound["deadline_exceeded"] == 1,
+        "{inbound}"
+    );
+    // A server-speaks-first protocol still works, after the detection timeout.
+    let waited = banner_wait_ms(a1, &format!("{}:7000", b1.ip), "hello banner", 1)?;
+    ensure!(
+        waited >= 95.0,
+        "the banner came after {waited} ms, before detection gave up"
+    );
+    Ok(())
+}
+
+fn unix_ms_now() -> Result<String> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        .to_string())
 }

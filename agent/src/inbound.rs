@@ -15,7 +15,7 @@ use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
-    io::{BufReader, BufWriter},
+    io::{AsyncWriteExt, BufReader, BufWriter},
     net::TcpStream,
 };
 use tokio_rustls::TlsAcceptor;
@@ -24,7 +24,11 @@ use tracing::{debug, info, warn};
 use crate::{
     config::{InboundMode, PodId},
     identity::{peer_identity, Identity},
-    l7::{self, pool::HTTP2},
+    l7::{
+        self,
+        detect::{detect, Prefixed, Protocol},
+        pool::HTTP2,
+    },
     policy::{Decision, Request as PolicyRequest},
     proxy::{connect_within, copy_metered, splice_metered, PodProxy, ProxyContext},
     state::{MeshState, Workload},
@@ -313,7 +317,12 @@ pub async fn serve_steered(
     serve_plaintext(&ctx, &pod, stream, peer).await;
 }
 
-async fn serve_plaintext(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream, peer: SocketAddr) {
+async fn serve_plaintext(
+    ctx: &Arc<ProxyContext>,
+    pod: &PodProxy,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
     // The steered socket's local address is where the client was going.
     let (Ok(SocketAddr::V4(target)), SocketAddr::V4(peer)) = (client.local_addr(), peer) else {
         let _ = client.set_zero_linger();
@@ -355,6 +364,41 @@ async fn serve_plaintext(ctx: &ProxyContext, pod: &PodProxy, client: TcpStream, 
     };
     counters.plaintext.fetch_add(1, Relaxed);
     let mut client = client;
+    let mut app = app;
+    // HTTP from outside the mesh is served request by request too (deadlines checked on
+    // arrival); anything else is relayed as bytes, starting with what detection read.
+    if !ctx.opaque_ports.contains(&target.port()) {
+        let detected = detect(&mut client, ctx.protocol_detection_timeout).await;
+        let prefix = match detected {
+            Ok((Protocol::Opaque, prefix)) => prefix,
+            Ok((protocol, prefix)) => {
+                let served = l7::deliver::serve(
+                    Arc::clone(ctx),
+                    workload.id.clone(),
+                    counters,
+                    Prefixed::new(prefix, client),
+                    app,
+                    protocol == Protocol::Http2,
+                )
+                .await;
+                if let Err(err) = served {
+                    debug!(pod = %workload.id, error = %err, "plaintext HTTP connection ended with an error");
+                }
+                return;
+            }
+            Err(err) => {
+                debug!(pod = %workload.id, error = %err, "plaintext connection failed during protocol detection");
+                let _ = app.set_zero_linger();
+                return;
+            }
+        };
+        counters.bytes_to_app.fetch_add(prefix.len() as u64, Relaxed);
+        if let Err(err) = app.write_all(&prefix).await {
+            debug!(pod = %workload.id, error = %err, "the app closed before the first bytes");
+            let _ = client.set_zero_linger();
+            return;
+        }
+    }
     if !splice(ctx, &counters, &mut client, app, &workload.id).await {
         let _ = client.set_zero_linger();
     }

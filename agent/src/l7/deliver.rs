@@ -23,7 +23,11 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpStream, sync::Mutex};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
 use tracing::debug;
 
 use super::{
@@ -32,7 +36,7 @@ use super::{
     retry::RETRIES_EXHAUSTED,
     trace::trace_id,
 };
-use crate::{config::PodId, proxy::ProxyContext, stats::InboundCounters, tunnel::TunnelIo};
+use crate::{config::PodId, proxy::ProxyContext, stats::InboundCounters};
 
 /// Header of an answer to a request that was not written to the app because its connection had
 /// closed: the source agent treats it as a failed connect, which is safe to retry.
@@ -58,15 +62,19 @@ impl AppConnection {
     }
 }
 
-/// Serves the HTTP requests of one tunnel stream to `app`, in the stream's protocol.
-pub async fn serve(
+/// Serves the HTTP requests arriving on `stream` (a tunnel stream, or a plaintext connection)
+/// to `app`, in the stream's protocol.
+pub async fn serve<S>(
     ctx: Arc<ProxyContext>,
     pod: PodId,
     counters: Arc<InboundCounters>,
-    stream: TunnelIo,
+    stream: S,
     app: TcpStream,
     http2: bool,
-) -> Result<(), hyper::Error> {
+) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let _ = app.set_nodelay(true);
     let app = TokioIo::new(app);
     // Cancelled when the app connection ends or the agent drains.
