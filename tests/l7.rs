@@ -810,7 +810,7 @@ fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
 fn a_service_without_endpoints_fails_fast() -> Result<()> {
     let (lab, mut mesh) = l7_lab("l7emp", 1)?;
     let a1 = lab.pod("a1")?;
-    mesh.services = "  - {name: empty, namespace: lab, vips: [10.96.0.30], ports: [{port: 80}, {port: 81, protocol: tcp}], selector: {app: nobody}}\n".into();
+    mesh.services = "  - {name: empty, namespace: lab, vips: [10.96.0.30], ports: [{port: 80}, {port: 81, protocol: tcp}, {port: 82, protocol: grpc}], selector: {app: nobody}}\n".into();
     let agents = start_meshed_agents(&lab, &mesh)?;
     let started = Instant::now();
     let out = a1
@@ -824,7 +824,8 @@ fn a_service_without_endpoints_fails_fast() -> Result<()> {
     );
     let opaque = curl(a1, "http://10.96.0.30:81/")?;
     ensure!(
-        opaque.exit_code != Some(0) && opaque.stderr.contains("reset"),
+        // curl's "could not connect" (7) or "reset on receive" (56), as with a closed port.
+        matches!(opaque.exit_code, Some(7 | 56)),
         "an opaque connection without endpoints must be refused: {opaque:?}"
     );
     ensure!(
@@ -832,8 +833,20 @@ fn a_service_without_endpoints_fails_fast() -> Result<()> {
         "failing took {:?}",
         started.elapsed()
     );
+    // gRPC callers get the gRPC form: UNAVAILABLE.
+    let call = testapp_json(
+        a1,
+        &[
+            "grpc-call",
+            "--url",
+            "http://10.96.0.30:82",
+            "--message",
+            "hi",
+        ],
+    )?;
+    ensure!(call["grpc_status"] == 14, "{call}");
     let stats = agents[0].stats()?;
-    for port in [80, 81] {
+    for port in [80, 81, 82] {
         let counters = &stats["services"][format!("lab/empty:{port}")];
         ensure!(counters["no_endpoint"] == 1, "port {port}: {counters}");
     }

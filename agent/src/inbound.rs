@@ -392,7 +392,9 @@ async fn serve_plaintext(
                 return;
             }
         };
-        counters.bytes_to_app.fetch_add(prefix.len() as u64, Relaxed);
+        counters
+            .bytes_to_app
+            .fetch_add(prefix.len() as u64, Relaxed);
         if let Err(err) = app.write_all(&prefix).await {
             debug!(pod = %workload.id, error = %err, "the app closed before the first bytes");
             let _ = client.set_zero_linger();

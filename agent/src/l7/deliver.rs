@@ -32,7 +32,7 @@ use tracing::debug;
 
 use super::{
     deadline::request_deadline,
-    http::{agent_reply, until_finished, ProxyBody},
+    http::{agent_reply, grpc_shaped, is_grpc, until_finished, ProxyBody},
     retry::RETRIES_EXHAUSTED,
     trace::trace_id,
 };
@@ -123,6 +123,22 @@ where
 }
 
 async fn deliver(
+    ctx: &ProxyContext,
+    pod: &PodId,
+    counters: &InboundCounters,
+    app: &AppConnection,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let grpc = is_grpc(request.headers());
+    let response = deliver_to_app(ctx, pod, counters, app, request).await;
+    if grpc {
+        grpc_shaped(response)
+    } else {
+        response
+    }
+}
+
+async fn deliver_to_app(
     ctx: &ProxyContext,
     pod: &PodId,
     counters: &InboundCounters,

@@ -126,6 +126,21 @@ async fn handle(
     entry: &ServicePortEntry,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let grpc = is_grpc(request.headers());
+    let response = route_and_forward(ctx, pod, entry, request).await;
+    if grpc {
+        grpc_shaped(response)
+    } else {
+        response
+    }
+}
+
+async fn route_and_forward(
+    ctx: &Arc<ProxyContext>,
+    pod: &Arc<PodProxy>,
+    entry: &ServicePortEntry,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
     let counters = ctx.stats.service(&entry.backend.id);
     counters.requests.fetch_add(1, Relaxed);
     let now = SystemTime::now();
@@ -483,12 +498,52 @@ pub fn agent_reply(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    response.headers_mut().insert(
-        HeaderName::from_static("x-weft-local-reply"),
-        HeaderValue::from_static("1"),
-    );
+    response
+        .headers_mut()
+        .insert(LOCAL_REPLY, HeaderValue::from_static("1"));
     response
 }
+
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// gRPC clients read errors from `grpc-status`, not the HTTP status: an answer of the agent's
+/// own to a gRPC request takes that shape (trailers-only, HTTP 200), with the gRPC status that
+/// stands for its HTTP status. Answers from apps pass unchanged.
+pub fn grpc_shaped(response: Response<ProxyBody>) -> Response<ProxyBody> {
+    if !response.headers().contains_key(LOCAL_REPLY) {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let code = match parts.status {
+        StatusCode::BAD_REQUEST => 3,     // INVALID_ARGUMENT
+        StatusCode::NOT_FOUND => 12,      // UNIMPLEMENTED
+        StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
+        _ => 2,                           // UNKNOWN
+    };
+    let message = parts.status.canonical_reason().unwrap_or("error");
+    parts.status = StatusCode::OK;
+    let headers = &mut parts.headers;
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(&format!("weft: {message}")) {
+        headers.insert("grpc-message", message);
+    }
+    let body = Full::new(Bytes::new())
+        .map_err(|never: Infallible| match never {})
+        .boxed();
+    Response::from_parts(parts, body)
+}
+
+/// Header of the agent's own answers.
+const LOCAL_REPLY: &str = "x-weft-local-reply";
 
 /// Headers of one connection, not of the request (RFC 9110 §7.6.1): never forwarded.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -548,5 +603,46 @@ mod tests {
         assert_eq!(response.headers()["x-weft-local-reply"], "1");
         assert_eq!(counters.local_replies.load(Relaxed), 1);
         assert_eq!(counters.responses_5xx.load(Relaxed), 1);
+    }
+}
+
+#[cfg(test)]
+mod grpc_tests {
+    use super::*;
+
+    #[test]
+    fn agent_answers_to_grpc_requests_carry_a_grpc_status() {
+        for (status, code) in [
+            (StatusCode::GATEWAY_TIMEOUT, "4"),
+            (StatusCode::SERVICE_UNAVAILABLE, "14"),
+            (StatusCode::BAD_GATEWAY, "14"),
+            (StatusCode::NOT_FOUND, "12"),
+            (StatusCode::BAD_REQUEST, "3"),
+        ] {
+            let mut reply = agent_reply(status, "why");
+            reply
+                .headers_mut()
+                .insert(RETRIES_EXHAUSTED, HeaderValue::from_static("1"));
+            let shaped = grpc_shaped(reply);
+            assert_eq!(shaped.status(), StatusCode::OK);
+            assert_eq!(shaped.headers()["grpc-status"], code, "{status}");
+            assert_eq!(shaped.headers()[header::CONTENT_TYPE], "application/grpc");
+            assert!(shaped.headers().contains_key(RETRIES_EXHAUSTED));
+            assert!(hyper::body::Body::is_end_stream(shaped.body()));
+        }
+        // An app's own answer is left alone.
+        let mut app = Response::new(
+            Full::new(Bytes::from_static(b"x"))
+                .map_err(|n: Infallible| match n {})
+                .boxed(),
+        );
+        *app.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(grpc_shaped(app).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&headers));
     }
 }
