@@ -10,7 +10,8 @@
 //!
 //! For each it measures the latency of fixed-size request/response exchanges at a fixed rate, the
 //! bulk throughput of one iperf3 stream, the rate of new connections (connect, one exchange,
-//! close), and the CPU time and memory of the case's proxies.
+//! close), and the CPU time and memory of the case's proxies. HTTP request rates, with weft's L7
+//! for services against an HAProxy pair in HTTP mode, are measured in `bench_http`.
 //!
 //! The echo server and the load client are hidden subcommands of this binary (`bench-echo`,
 //! `bench-load`), run inside the pods.
@@ -35,6 +36,7 @@ use tokio::{
 
 use crate::{
     agent::{Agent, ADMIN_ADDR},
+    bench_http::{self, HttpBenchArgs, HttpLoadArgs, HttpRun},
     lab::{wait_for_tcp, Lab, LabSpec, Node, Pod},
     pki::{spiffe_id, write_private, TestCa},
     workspace_root,
@@ -47,16 +49,16 @@ const IPERF_PORT: u16 = 5201;
 const HAPROXY_TLS_ECHO_PORT: u16 = 17000;
 const HAPROXY_TLS_IPERF_PORT: u16 = 15201;
 /// Host name in the server-side HAProxy's certificate, checked by the client side (`verifyhost`).
-const HAPROXY_SERVER_NAME: &str = "haproxy-b.lab";
+pub(crate) const HAPROXY_SERVER_NAME: &str = "haproxy-b.lab";
 /// Matches the agent's default worker threads on the 2-core machines this runs on.
-const HAPROXY_THREADS: u32 = 2;
+pub(crate) const HAPROXY_THREADS: u32 = 2;
 const TRUST_DOMAIN: &str = "cluster.local";
-const NAMESPACE: &str = "lab";
+pub(crate) const NAMESPACE: &str = "lab";
 /// Exchanges (and new connections) in the first second of a run warm up connections and caches;
 /// not recorded.
-const WARMUP_SECONDS: u64 = 1;
+pub(crate) const WARMUP_SECONDS: u64 = 1;
 /// One exchange taking longer than this means something is broken, not slow.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Stage targets: weft L4's median latency at most this multiple of direct...
 const TARGET_L4_P50_RATIO: f64 = 2.0;
 /// ...and its throughput at least this fraction of direct;
@@ -94,11 +96,17 @@ pub struct BenchArgs {
     /// median of its runs.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+    /// Skip the TCP runs (latency, throughput and new connections of direct, weft L4, weft mTLS
+    /// and the HAProxy mTLS pair); only the HTTP runs are made.
+    #[arg(long)]
+    pub skip_l4: bool,
+    #[command(flatten)]
+    pub http: HttpBenchArgs,
 }
 
 impl BenchArgs {
     fn command_line(&self) -> String {
-        format!(
+        let mut line = format!(
             "cargo xtask bench --seconds {} --rate {} --connections {} --size {} \
              --throughput-seconds {} --connect-seconds {} --connect-workers {} --rounds {}",
             self.seconds,
@@ -109,7 +117,12 @@ impl BenchArgs {
             self.connect_seconds,
             self.connect_workers,
             self.rounds
-        )
+        );
+        if self.skip_l4 {
+            line.push_str(" --skip-l4");
+        }
+        line.push_str(&self.http.command_line());
+        line
     }
 }
 
@@ -135,18 +148,22 @@ enum LoadMode {
     Latency(LatencyArgs),
     /// New connections in a closed loop, one exchange each; prints a connection-rate report.
     Connect(ConnectArgs),
+    /// HTTP GETs at a fixed rate, with keep-alive or a new connection each; prints an HTTP
+    /// report.
+    Http(HttpLoadArgs),
 }
 
 #[derive(Args, Clone, Debug)]
-struct TargetArgs {
+pub(crate) struct TargetArgs {
     #[arg(long)]
-    target: SocketAddr,
+    pub(crate) target: SocketAddr,
+    /// Bytes of each request and response (HTTP: of each response body).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-    size: u32,
+    pub(crate) size: u32,
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    seconds: u64,
+    pub(crate) seconds: u64,
     #[arg(long, default_value_t = 0)]
-    warmup_seconds: u64,
+    pub(crate) warmup_seconds: u64,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -257,11 +274,16 @@ struct Measured {
     connect: Vec<Run<ConnectReport>>,
     /// Per case: its proxies' memory after start-up and at the end.
     memory: Vec<(Case, Memory, Memory)>,
+    http: Vec<HttpRun>,
 }
 
 /// Runs the benchmark in its own lab, prints the results and writes them to bench/RESULTS.md.
 /// Expects root and a built agent.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    ensure!(
+        !(args.skip_l4 && args.http.skip_http),
+        "--skip-l4 and --skip-http together leave nothing to measure"
+    );
     let tools = build_tools()?;
     let measured = Lab::up(&LabSpec {
         name: LAB_NAME.into(),
@@ -295,7 +317,7 @@ fn build_tools() -> Result<PathBuf> {
 }
 
 /// A server process in the lab, stopped when the benchmark is done with it.
-struct Server(Child);
+pub(crate) struct Server(pub(crate) Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -390,14 +412,26 @@ fn measure(lab: &Lab, args: &BenchArgs, tools: &Path) -> Result<Measured> {
         &weft_yaml(node_d, &server, identity, Some(&client)),
         &[d1],
     )?;
+    // The HTTP service is the client's: only its agent balances requests to the VIP.
     let client_agent = Agent::start_with(
         lab,
         node_c,
-        &weft_yaml(node_c, &client, identity, Some(&server)),
+        &(weft_yaml(node_c, &client, identity, Some(&server))
+            + &bench_http::service_yaml(server.service_account)),
         &[c1],
     )?;
     let gateway = pod_gateway(a2);
-    let haproxy = start_haproxy_pair(lab, &ca, &ca_cert, (node_a, gateway), node_b, b1)?;
+    let haproxy_files = haproxy_files(lab, &ca, &ca_cert)?;
+    let haproxy = start_haproxy_pair(&haproxy_files, (node_a, gateway), node_b, b1)?;
+    let http = if args.http.skip_http {
+        None
+    } else {
+        Some(bench_http::HttpLab::start(
+            lab,
+            &haproxy_files,
+            [&client_agent, &server_agent],
+        )?)
+    };
 
     let pid = |agent: &Agent| agent.pid().context("an agent has no process");
     let subjects = [
@@ -444,7 +478,14 @@ fn measure(lab: &Lab, args: &BenchArgs, tools: &Path) -> Result<Measured> {
     let mut latency = Vec::new();
     let mut throughput = Vec::new();
     let mut connect = Vec::new();
+    let mut http_runs = Vec::new();
     for round in 1..=args.rounds {
+        if let Some(http) = &http {
+            http.run_round(tools, &args.http, round, &mut http_runs)?;
+        }
+        if args.skip_l4 {
+            continue;
+        }
         // Reversing the order every round cancels slow drifts of the shared machine.
         let order: Vec<&Subject> = if round % 2 == 1 {
             subjects.iter().collect()
@@ -490,26 +531,33 @@ fn measure(lab: &Lab, args: &BenchArgs, tools: &Path) -> Result<Measured> {
         memory.push((s.case, start, memory_total(&s.pids)?));
     }
 
-    // Every latency run opens `connections` connections; the new-connection runs add more.
-    let expected = u64::from(args.connections) * u64::from(args.rounds);
-    check_proxied(
-        &l4_agent.stats()?,
-        SocketAddrV4::new(b1.ip, ECHO_PORT),
-        "plaintext",
-        expected,
-    )?;
+    if let Some(http) = &http {
+        http.check(&http_runs)?;
+    }
+    // a2 sends the direct and HAProxy cases of both parts.
     check_bystander(&l4_agent.stats()?, a2)?;
-    check_proxied(
-        &client_agent.stats()?,
-        SocketAddrV4::new(d1.ip, ECHO_PORT),
-        "mtls",
-        expected,
-    )?;
+    if !args.skip_l4 {
+        // Every latency run opens `connections` connections; the new-connection runs add more.
+        let expected = u64::from(args.connections) * u64::from(args.rounds);
+        check_proxied(
+            &l4_agent.stats()?,
+            SocketAddrV4::new(b1.ip, ECHO_PORT),
+            "plaintext",
+            expected,
+        )?;
+        check_proxied(
+            &client_agent.stats()?,
+            SocketAddrV4::new(d1.ip, ECHO_PORT),
+            "mtls",
+            expected,
+        )?;
+    }
     Ok(Measured {
         latency,
         throughput,
         connect,
         memory,
+        http: http_runs,
     })
 }
 
@@ -565,35 +613,34 @@ fn weft_yaml(
         if local.strict { "STRICT" } else { "PERMISSIVE" }
     ));
     if let Some(peer) = peer {
+        // The label is what the HTTP service selects its endpoints by.
         yaml.push_str(&format!(
             "peers:\n  - name: {}\n    namespace: {NAMESPACE}\n    ip: {}\n    \
-             service_account: {}\n    node: {}\n",
-            peer.pod.name, peer.pod.ip, peer.service_account, peer.node.name
+             service_account: {}\n    node: {}\n    labels: {{app: {}}}\n",
+            peer.pod.name, peer.pod.ip, peer.service_account, peer.node.name, peer.service_account
         ));
     }
     yaml
 }
 
 /// The address a pod's node owns as the pod's gateway (x.y.z.1 of the pod's /24).
-fn pod_gateway(pod: &Pod) -> Ipv4Addr {
+pub(crate) fn pod_gateway(pod: &Pod) -> Ipv4Addr {
     let [a, b, c, _] = pod.ip.octets();
     Ipv4Addr::new(a, b, c, 1)
 }
 
-/// Starts HAProxy on `server_node` (mutual TLS in, plain TCP to `server`'s echo and iperf3 ports)
-/// and on `client_node` (plain TCP in on `gateway`, the client pods' gateway address, the same
-/// ports; mutual TLS out). Both are as a fair opponent would configure them: TCP mode, TLS 1.3
-/// only, both sides verify the peer's chain against the mesh CA and the client checks the
-/// server's name, logs off, `nbthread` as the agent's worker threads, everything else HAProxy's
-/// defaults (TLS session resumption included).
-fn start_haproxy_pair(
-    lab: &Lab,
-    ca: &TestCa,
-    ca_cert: &Path,
-    (client_node, gateway): (&Node, Ipv4Addr),
-    server_node: &Node,
-    server: &Pod,
-) -> Result<[Server; 2]> {
+/// The files of the HAProxy pairs: their directory, the mesh CA and each side's certificate and
+/// key (one PEM file each).
+pub(crate) struct HaproxyFiles {
+    pub(crate) dir: PathBuf,
+    pub(crate) ca_cert: PathBuf,
+    pub(crate) client_pem: PathBuf,
+    pub(crate) server_pem: PathBuf,
+}
+
+/// Issues the HAProxy pairs' certificates from the mesh CA: the client side's with a SPIFFE ID
+/// only, the server side's also with the host name the client side checks.
+fn haproxy_files(lab: &Lab, ca: &TestCa, ca_cert: &Path) -> Result<HaproxyFiles> {
     let dir = lab.dir.join("haproxy");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let now = time::OffsetDateTime::now_utc();
@@ -613,14 +660,39 @@ fn start_haproxy_pair(
     )?;
     let server_pem = dir.join("server.pem");
     write_private(&server_pem, &format!("{cert}{key}"))?;
+    Ok(HaproxyFiles {
+        dir,
+        ca_cert: ca_cert.to_owned(),
+        client_pem,
+        server_pem,
+    })
+}
 
+/// Starts HAProxy on `server_node` (mutual TLS in, plain TCP to `server`'s echo and iperf3 ports)
+/// and on `client_node` (plain TCP in on `gateway`, the client pods' gateway address, the same
+/// ports; mutual TLS out). Both are as a fair opponent would configure them: TCP mode, TLS 1.3
+/// only, both sides verify the peer's chain against the mesh CA and the client checks the
+/// server's name, logs off, `nbthread` as the agent's worker threads, everything else HAProxy's
+/// defaults (TLS session resumption included).
+fn start_haproxy_pair(
+    files: &HaproxyFiles,
+    (client_node, gateway): (&Node, Ipv4Addr),
+    server_node: &Node,
+    server: &Pod,
+) -> Result<[Server; 2]> {
+    let HaproxyFiles {
+        dir,
+        ca_cert,
+        client_pem,
+        server_pem,
+    } = files;
     let ca_cert = ca_cert.display();
     let legs = [
         ("echo", ECHO_PORT, HAPROXY_TLS_ECHO_PORT),
         ("iperf", IPERF_PORT, HAPROXY_TLS_IPERF_PORT),
     ];
-    let mut server_conf = haproxy_global();
-    let mut client_conf = haproxy_global();
+    let mut server_conf = haproxy_global("tcp");
+    let mut client_conf = haproxy_global("tcp");
     for (name, port, tls_port) in legs {
         server_conf.push_str(&format!(
             "listen {name}\n    bind {}:{tls_port} ssl crt {} ca-file {ca_cert} verify required \
@@ -638,29 +710,30 @@ fn start_haproxy_pair(
             client_pem.display()
         ));
     }
-    let back = start_haproxy(server_node, &dir, "server", &server_conf, legs.map(|l| l.2))?;
-    let front = start_haproxy(client_node, &dir, "client", &client_conf, legs.map(|l| l.1))?;
+    let back = start_haproxy(server_node, dir, "server", &server_conf, &legs.map(|l| l.2))?;
+    let front = start_haproxy(client_node, dir, "client", &client_conf, &legs.map(|l| l.1))?;
     Ok([front, back])
 }
 
-fn haproxy_global() -> String {
+/// The `global` and `defaults` sections of an HAProxy config in `mode` (`tcp` or `http`).
+pub(crate) fn haproxy_global(mode: &str) -> String {
     // No `log` lines: logging is off, as it is for the agents at the default level. maxconn
     // 8000 needs ~16,000 file descriptors (two per connection; HAProxy refuses to start above
     // the hard limit, 20,000 on the development VM) and is far above the concurrency used here.
     format!(
         "global\n    nbthread {HAPROXY_THREADS}\n    maxconn 8000\n\
-         defaults\n    mode tcp\n    maxconn 8000\n    timeout connect 5s\n    \
+         defaults\n    mode {mode}\n    maxconn 8000\n    timeout connect 5s\n    \
          timeout client 60s\n    timeout server 60s\n"
     )
 }
 
 /// Runs HAProxy with config `conf` in `node`'s namespace until something listens on `ports`.
-fn start_haproxy(
+pub(crate) fn start_haproxy(
     node: &Node,
     dir: &Path,
     role: &str,
     conf: &str,
-    ports: [u16; 2],
+    ports: &[u16],
 ) -> Result<Server> {
     let conf_path = dir.join(format!("{role}.cfg"));
     fs::write(&conf_path, conf).with_context(|| format!("writing {}", conf_path.display()))?;
@@ -679,7 +752,7 @@ fn start_haproxy(
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let log = || fs::read_to_string(&log_path).unwrap_or_default();
-    for port in ports {
+    for &port in ports {
         loop {
             if let Some(status) = server.0.try_wait()? {
                 bail!(
@@ -709,7 +782,12 @@ fn start_haproxy(
     Ok(server)
 }
 
-fn load_command(tools: &Path, client: &Pod, mode: &str, target: SocketAddrV4) -> Result<Command> {
+pub(crate) fn load_command(
+    tools: &Path,
+    client: &Pod,
+    mode: &str,
+    target: SocketAddrV4,
+) -> Result<Command> {
     let mut command = client.command(tools)?;
     command
         .args(["bench-load", mode, "--target", &target.to_string()])
@@ -719,7 +797,10 @@ fn load_command(tools: &Path, client: &Pod, mode: &str, target: SocketAddrV4) ->
 }
 
 /// Runs a prepared load client and parses the report it prints.
-fn load_report<T: serde::de::DeserializeOwned>(mut command: Command, client: &Pod) -> Result<T> {
+pub(crate) fn load_report<T: serde::de::DeserializeOwned>(
+    mut command: Command,
+    client: &Pod,
+) -> Result<T> {
     let out = command
         .output()
         .with_context(|| format!("running the load client in {}", client.name))?;
@@ -841,7 +922,7 @@ fn check_bystander(stats: &Value, pod: &Pod) -> Result<()> {
 }
 
 /// CPU seconds (user + system, all threads) process `pid` has used so far.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The command name (field 2) may hold spaces and parentheses; the fields after its last ')'
@@ -903,7 +984,7 @@ fn memory_total(pids: &[u32]) -> Result<Memory> {
     Ok(total)
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -922,7 +1003,7 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn verdict(pass: bool) -> &'static str {
+pub(crate) fn verdict(pass: bool) -> &'static str {
     if pass {
         "PASS"
     } else {
@@ -955,8 +1036,21 @@ fn render(args: &BenchArgs, m: &Measured) -> Result<String> {
     out.push_str(
         "- lab: 4 nodes x 2 pods, network namespaces and cgroups on one machine; every case \
          crosses node to node the same way (pod veth, node, bridge, node, pod veth); weft is the \
-         release build\n\
-         - direct: a2 -> b1; a2 is not enrolled in the agent on node a\n\
+         release build\n",
+    );
+    if !args.skip_l4 {
+        render_l4(args, m, &mut out);
+    }
+    if !args.http.skip_http {
+        out.push_str(&bench_http::render(&args.http, args.rounds, &m.http));
+    }
+    Ok(out)
+}
+
+/// The TCP cases' part of the results.
+fn render_l4(args: &BenchArgs, m: &Measured, out: &mut String) {
+    out.push_str(
+        "- direct: a2 -> b1; a2 is not enrolled in the agent on node a\n\
          - weft L4: a1 -> b1, redirected by eBPF to the agent on node a (no identity settings), \
          which proxies it as plain TCP\n\
          - weft mTLS: c1 -> d1, agents on nodes c and d with the mesh CA, both pods enrolled, d1 \
@@ -1184,7 +1278,6 @@ fn render(args: &BenchArgs, m: &Measured) -> Result<String> {
         out.push_str("\nFirst error of each new-connection run that had failures:\n\n");
         out.push_str(&errors.concat());
     }
-    Ok(out)
 }
 
 fn date() -> Result<String> {
@@ -1230,7 +1323,7 @@ fn haproxy_version() -> Result<String> {
 
 /// A single-threaded runtime: one core is plenty for the echo server and the load client at the
 /// rates used, and it leaves the other core to the system under test.
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1273,6 +1366,9 @@ pub fn load(args: &LoadArgs) -> Result<()> {
         LoadMode::Connect(connect) => {
             serde_json::to_string(&runtime()?.block_on(drive_connects(connect))?)?
         }
+        LoadMode::Http(http) => {
+            serde_json::to_string(&runtime()?.block_on(bench_http::drive_http(http))?)?
+        }
     };
     println!("{report}");
     Ok(())
@@ -1280,30 +1376,30 @@ pub fn load(args: &LoadArgs) -> Result<()> {
 
 /// The fixed send schedule shared by all connections of a load run.
 #[derive(Clone, Copy)]
-struct Schedule {
-    start: tokio::time::Instant,
-    record_from: tokio::time::Instant,
-    end: tokio::time::Instant,
-    rate: u32,
-    connections: u32,
-    size: usize,
+pub(crate) struct Schedule {
+    pub(crate) start: tokio::time::Instant,
+    pub(crate) record_from: tokio::time::Instant,
+    pub(crate) end: tokio::time::Instant,
+    pub(crate) rate: u32,
+    pub(crate) connections: u32,
+    pub(crate) size: usize,
 }
 
 impl Schedule {
     /// When exchange `n` of connection `connection` is due: the connections take turns, so the
     /// whole run sends at an even `rate`.
-    fn due(&self, connection: u32, n: u64) -> tokio::time::Instant {
+    pub(crate) fn due(&self, connection: u32, n: u64) -> tokio::time::Instant {
         let slot = u64::from(connection) + n * u64::from(self.connections);
         self.start + Duration::from_secs_f64(slot as f64 / f64::from(self.rate))
     }
 }
 
-fn new_histogram() -> Result<Histogram<u64>> {
+pub(crate) fn new_histogram() -> Result<Histogram<u64>> {
     // 1 µs to 60 s at 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).context("creating a histogram")
 }
 
-fn record(histogram: &mut Histogram<u64>, since: tokio::time::Instant) {
+pub(crate) fn record(histogram: &mut Histogram<u64>, since: tokio::time::Instant) {
     let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
     histogram.saturating_record(micros.max(1));
 }

@@ -2,6 +2,7 @@
 //! benchmark share.
 pub mod agent;
 pub mod bench;
+pub mod bench_http;
 pub mod lab;
 pub mod pki;
 pub mod setup;
