@@ -149,6 +149,11 @@ impl Enrollment {
                 tunnels.retain_sources(&held);
             }
         }
+        // Pooled HTTP connections to endpoints that no service has any more are closed.
+        let endpoints = self.ctx.state.get().services.endpoint_addresses();
+        for pod in crate::read(&self.ctx.local_pods).values() {
+            pod.http.retain(&endpoints);
+        }
     }
 
     async fn enroll(&mut self, spec: &PodSpec) -> Result<PodStatus> {

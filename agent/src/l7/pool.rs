@@ -3,7 +3,7 @@
 //! per endpoint carries every concurrent request. A connection to a meshed endpoint is a
 //! stream of the pod's mTLS tunnel; to anything else, plain TCP from inside the pod.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::SocketAddrV4,
     pin::Pin,
@@ -117,6 +117,13 @@ impl ConnectionPool {
             response.body_mut().release();
         }
         Ok((response, transport))
+    }
+
+    /// Closes the pooled connections to endpoints not in `keep` (endpoints no service has any
+    /// more); requests in flight on them finish first.
+    pub fn retain(&self, keep: &HashSet<SocketAddrV4>) {
+        lock(&self.idle_http1).retain(|endpoint, _| keep.contains(endpoint));
+        lock(&self.http2).retain(|endpoint, _| keep.contains(endpoint));
     }
 
     /// Sends a request that asks to switch protocols on a connection of its own, opaque to the
@@ -319,5 +326,26 @@ impl AsyncWrite for UpstreamIo {
             Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retain_forgets_endpoints_no_service_has() {
+        let pool = ConnectionPool::default();
+        let (kept, gone): (SocketAddrV4, SocketAddrV4) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        for endpoint in [kept, gone] {
+            lock(&pool.http2).entry(endpoint).or_default();
+            lock(&pool.idle_http1).entry(endpoint).or_default();
+        }
+        pool.retain(&HashSet::from([kept]));
+        assert_eq!(lock(&pool.http2).keys().collect::<Vec<_>>(), [&kept]);
+        assert_eq!(lock(&pool.idle_http1).keys().collect::<Vec<_>>(), [&kept]);
     }
 }

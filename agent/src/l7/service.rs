@@ -3,7 +3,7 @@
 //! must outlive a reload (endpoint latency estimates and ejections, retry budgets) is carried
 //! over from the previous build.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     sync::Arc,
     time::{Duration, Instant},
@@ -176,6 +176,15 @@ impl Services {
             by_address,
             backends,
         }
+    }
+
+    /// The address of every endpoint of every service port.
+    pub fn endpoint_addresses(&self) -> HashSet<SocketAddrV4> {
+        self.backends
+            .values()
+            .flat_map(|backend| backend.balancer.endpoints())
+            .map(|endpoint| endpoint.addr)
+            .collect()
     }
 
     /// Every service port's endpoints as the balancer sees them, for the admin endpoint.
