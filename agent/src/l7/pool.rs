@@ -87,22 +87,7 @@ impl ConnectionPool {
             ));
         }
         *request.version_mut() = Version::HTTP_11;
-        let (mut sender, transport) = match self.idle_http1(endpoint) {
-            Some(idle) => idle,
-            None => {
-                let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP1)).await?;
-                let (sender, connection) = http1::handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|err| SendError::Connect(err.into()))?;
-                tokio::spawn(async move {
-                    if let Err(err) = connection.with_upgrades().await {
-                        debug!(%endpoint, error = %err, "upstream HTTP/1.1 connection ended");
-                    }
-                });
-                (sender, transport)
-            }
-        };
-        sender.ready().await.map_err(classify)?;
+        let (mut sender, transport) = self.http1_sender(ctx, pod, endpoint).await?;
         let response = sender.send_request(request).await.map_err(classify)?;
         undelivered(&response)?;
         let release = Some(Release {
@@ -150,6 +135,35 @@ impl ConnectionPool {
             inner,
             release: None,
         }))
+    }
+
+    /// A ready HTTP/1.1 connection: an idle one that is still open, else a new one. An idle
+    /// connection that turns out closed costs nothing but the next try: no request was sent.
+    async fn http1_sender(
+        &self,
+        ctx: &ProxyContext,
+        pod: &PodProxy,
+        endpoint: SocketAddrV4,
+    ) -> Result<IdleHttp1, SendError> {
+        while let Some((mut sender, transport)) = self.idle_http1(endpoint) {
+            if sender.ready().await.is_ok() {
+                return Ok((sender, transport));
+            }
+        }
+        let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP1)).await?;
+        let (mut sender, connection) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|err| SendError::Connect(err.into()))?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                debug!(%endpoint, error = %err, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        sender
+            .ready()
+            .await
+            .map_err(|err| SendError::Connect(err.into()))?;
+        Ok((sender, transport))
     }
 
     fn idle_http1(
