@@ -168,6 +168,7 @@ async fn serve_stream(
             stream.into_io(),
             app,
             http2,
+            false,
         )
         .await;
         if let Err(err) = served {
@@ -379,6 +380,7 @@ async fn serve_plaintext(
                     Prefixed::new(prefix, client),
                     app,
                     protocol == Protocol::Http2,
+                    true,
                 )
                 .await;
                 if let Err(err) = served {

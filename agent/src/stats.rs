@@ -109,6 +109,8 @@ pub struct ServiceCounters {
     /// Endpoints of an opaque connection that refused it.
     pub connect_failures: AtomicU64,
     pub mirrored: AtomicU64,
+    /// Copies not sent because the shadow already had as many in flight as allowed.
+    pub mirrors_skipped: AtomicU64,
 }
 
 impl ServiceCounters {

@@ -1,125 +1,147 @@
-//! Request bodies kept for replay: a retry or a mirror sends the same bytes again, so a body up
-//! to the configured bound is read whole before the first try; a larger one streams through
-//! once and its request is never retried.
+//! Request bodies that may be sent again: a retry or a mirror needs the same bytes. The first try
+//! sends the body as it arrives — waiting for its end first would hold back a stream whose client
+//! waits for an answer before sending more, such as a gRPC bidirectional stream — and records it
+//! on the way, up to a bound. Only a body recorded whole can be sent again; a larger one, or one
+//! still streaming when its first try fails, is never retried.
 use std::{
     collections::VecDeque,
     pin::Pin,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-/// A request body read up to a bound.
-pub struct BufferedBody<B = Incoming> {
+use crate::lock;
+
+/// What the first try has seen of the body so far.
+#[derive(Default)]
+pub struct Record {
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
-    /// The unread rest of a body larger than the bound.
-    rest: Option<B>,
+    length: usize,
+    /// The body's end was seen.
+    complete: bool,
+    /// More than the bound went by: the chunks were dropped and will not be replayed.
+    overflowed: bool,
 }
 
-impl<B: Body<Data = Bytes> + Unpin> BufferedBody<B> {
-    /// Reads `body` until it ends or more than `limit` bytes have arrived. A declared length
-    /// above `limit` is not read at all: it could never be replayed.
-    pub async fn read(mut body: B, limit: usize) -> Result<Self, B::Error> {
-        let mut buffered = Self {
-            chunks: Vec::new(),
-            trailers: None,
-            rest: None,
+/// A request body from a client, sent once as it arrives and replayed if recorded whole.
+pub struct RecordedBody<B = Incoming> {
+    body: Option<B>,
+    record: Arc<Mutex<Record>>,
+    limit: usize,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> RecordedBody<B> {
+    /// Records up to `limit` bytes of `body`. A declared length above it is not recorded at all.
+    pub fn new(body: B, limit: usize) -> Self {
+        let record = Record {
+            complete: body.is_end_stream(),
+            overflowed: body.size_hint().lower() > limit as u64,
+            ..Record::default()
         };
-        if body.size_hint().lower() > limit as u64 {
-            buffered.rest = Some(body);
-            return Ok(buffered);
+        Self {
+            body: Some(body),
+            record: Arc::new(Mutex::new(record)),
+            limit,
         }
-        let mut length = 0;
-        while !body.is_end_stream() {
-            let Some(frame) = body.frame().await else {
-                break;
-            };
-            match frame?.into_data() {
-                Ok(data) => {
-                    length += data.len();
-                    buffered.chunks.push(data);
-                    if length > limit {
-                        buffered.rest = Some(body);
-                        break;
-                    }
-                }
-                Err(frame) => {
-                    buffered.trailers = frame.into_trailers().ok();
-                    break;
-                }
-            }
-        }
-        Ok(buffered)
     }
 
-    /// A copy to send, if the whole body is held.
-    pub fn replay(&self) -> Option<ReplayBody<B>> {
-        if self.rest.is_some() {
-            return None;
-        }
-        Some(ReplayBody {
-            chunks: self.chunks.iter().cloned().collect(),
-            trailers: self.trailers.clone(),
-            rest: None,
+    /// The body for the first try, sent as it arrives and recorded on the way; `None` once taken.
+    pub fn first(&mut self) -> Option<UpstreamBody<B>> {
+        let inner = self.body.take()?;
+        Some(UpstreamBody::Recording {
+            inner,
+            record: Arc::clone(&self.record),
+            limit: self.limit,
         })
     }
 
-    /// The body to send once: what was read, then the rest as it arrives.
-    pub fn into_stream(self) -> ReplayBody<B> {
-        ReplayBody {
-            chunks: self.chunks.into(),
-            trailers: self.trailers,
-            rest: self.rest,
+    /// Another copy of the body, if the whole of it has been recorded.
+    pub fn replay(&self) -> Option<UpstreamBody<B>> {
+        let record = lock(&self.record);
+        if !record.complete || record.overflowed {
+            return None;
         }
+        Some(UpstreamBody::Replay {
+            chunks: record.chunks.iter().cloned().collect(),
+            trailers: record.trailers.clone(),
+        })
     }
 }
 
-/// A request body as sent upstream.
-pub struct ReplayBody<B = Incoming> {
-    chunks: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
-    rest: Option<B>,
+/// A request body as sent to an endpoint.
+pub enum UpstreamBody<B = Incoming> {
+    /// The client's body as it arrives, recorded for later tries.
+    Recording {
+        inner: B,
+        record: Arc<Mutex<Record>>,
+        limit: usize,
+    },
+    /// A recorded body sent again.
+    Replay {
+        chunks: VecDeque<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for ReplayBody<B> {
+impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
     type Data = Bytes;
     type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        if let Some(chunk) = self.chunks.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        match self.get_mut() {
+            Self::Recording {
+                inner,
+                record,
+                limit,
+            } => {
+                let poll = Pin::new(inner).poll_frame(cx);
+                let mut record = lock(record);
+                match &poll {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            record.length += data.len();
+                            if record.length > *limit {
+                                record.overflowed = true;
+                                record.chunks = Vec::new();
+                            } else if !record.overflowed {
+                                record.chunks.push(data.clone());
+                            }
+                        } else if let Some(trailers) = frame.trailers_ref() {
+                            record.trailers = Some(trailers.clone());
+                        }
+                    }
+                    Poll::Ready(None) => record.complete = true,
+                    Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+                }
+                poll
+            }
+            Self::Replay { chunks, trailers } => match chunks.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
         }
-        if let Some(rest) = self.rest.as_mut() {
-            return Pin::new(rest).poll_frame(cx);
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
-            && self.trailers.is_none()
-            && self.rest.as_ref().is_none_or(Body::is_end_stream)
+        match self {
+            Self::Recording { inner, .. } => inner.is_end_stream(),
+            Self::Replay { chunks, trailers } => chunks.is_empty() && trailers.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let held: u64 = self.chunks.iter().map(|c| c.len() as u64).sum();
-        match &self.rest {
-            None => SizeHint::with_exact(held),
-            Some(rest) => {
-                let rest = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(held + rest.lower());
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(held + upper);
-                }
-                hint
+        match self {
+            Self::Recording { inner, .. } => inner.size_hint(),
+            Self::Replay { chunks, .. } => {
+                SizeHint::with_exact(chunks.iter().map(|c| c.len() as u64).sum())
             }
         }
     }
@@ -128,6 +150,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ReplayBody<B> {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
+
+    use http_body_util::BodyExt;
 
     use super::*;
 
@@ -148,6 +172,10 @@ mod tests {
             Poll::Ready(self.frames.pop_front().map(Ok))
         }
 
+        fn is_end_stream(&self) -> bool {
+            self.frames.is_empty()
+        }
+
         fn size_hint(&self) -> SizeHint {
             self.declared.map(SizeHint::with_exact).unwrap_or_default()
         }
@@ -166,17 +194,22 @@ mod tests {
         Frames { frames, declared }
     }
 
-    async fn collect(body: ReplayBody<Frames>) -> (Vec<u8>, Option<HeaderMap>) {
+    async fn collect(body: UpstreamBody<Frames>) -> (Vec<u8>, Option<HeaderMap>) {
         let collected = body.collect().await.unwrap();
         let trailers = collected.trailers().cloned();
         (collected.to_bytes().to_vec(), trailers)
     }
 
     #[tokio::test]
-    async fn a_small_body_replays_whole_with_its_trailers() {
-        let body = BufferedBody::read(frames(&["ab", "cd"], true, None), 10)
-            .await
-            .unwrap();
+    async fn a_small_body_is_sent_then_replayed_whole_with_its_trailers() {
+        let mut body = RecordedBody::new(frames(&["ab", "cd"], true, None), 10);
+        assert!(
+            body.replay().is_none(),
+            "nothing recorded before the first try"
+        );
+        let (bytes, _) = collect(body.first().unwrap()).await;
+        assert_eq!(bytes, b"abcd");
+        assert!(body.first().is_none());
         for _ in 0..2 {
             let replay = body.replay().unwrap();
             assert_eq!(replay.size_hint().exact(), Some(4));
@@ -187,25 +220,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_large_body_streams_once_with_nothing_lost() {
-        let body = BufferedBody::read(frames(&["abcdef", "ghij", "kl"], false, None), 8)
-            .await
-            .unwrap();
+    async fn a_large_body_streams_once_with_nothing_lost_and_is_not_replayed() {
+        let mut body = RecordedBody::new(frames(&["abcdef", "ghij", "kl"], false, None), 8);
+        assert_eq!(collect(body.first().unwrap()).await.0, b"abcdefghijkl");
         assert!(body.replay().is_none());
-        assert_eq!(collect(body.into_stream()).await.0, b"abcdefghijkl");
-        // A declared length over the bound is not read before sending.
-        let declared = BufferedBody::read(frames(&["abcdefghijkl"], false, Some(12)), 8)
-            .await
-            .unwrap();
-        assert!(declared.chunks.is_empty() && declared.replay().is_none());
-        assert_eq!(collect(declared.into_stream()).await.0, b"abcdefghijkl");
+        let mut declared = RecordedBody::new(frames(&["abcdefghijkl"], false, Some(12)), 8);
+        assert_eq!(collect(declared.first().unwrap()).await.0, b"abcdefghijkl");
+        assert!(declared.replay().is_none());
     }
 
     #[tokio::test]
-    async fn a_body_of_exactly_the_bound_is_replayable() {
-        let body = BufferedBody::read(frames(&["abcd", "efgh"], false, Some(8)), 8)
-            .await
-            .unwrap();
-        assert_eq!(collect(body.replay().unwrap()).await.0, b"abcdefgh");
+    async fn a_body_still_streaming_is_not_replayed_but_an_empty_one_is() {
+        let mut body = RecordedBody::new(frames(&["ab", "cd"], false, None), 8);
+        let mut first = body.first().unwrap();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        assert!(
+            body.replay().is_none(),
+            "half a body must not be sent again"
+        );
+        let empty = RecordedBody::new(frames(&[], false, Some(0)), 8);
+        assert_eq!(collect(empty.replay().unwrap()).await.0, b"");
     }
 }

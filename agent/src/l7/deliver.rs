@@ -14,7 +14,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use http::{header::HeaderValue, Request, Response, StatusCode};
+use http::{
+    header::{self, HeaderValue},
+    Request, Response, StatusCode,
+};
 use http_body_util::BodyExt;
 use hyper::{
     body::Incoming,
@@ -32,7 +35,10 @@ use tracing::debug;
 
 use super::{
     deadline::request_deadline,
-    http::{agent_reply, grpc_shaped, is_grpc, until_finished, ProxyBody},
+    http::{
+        agent_reply, grpc_shaped, is_failure, is_grpc, splice_upgraded, strip_hop_by_hop,
+        until_finished, ProxyBody, LOCAL_REPLY,
+    },
     retry::RETRIES_EXHAUSTED,
     trace::trace_id,
 };
@@ -62,8 +68,10 @@ impl AppConnection {
     }
 }
 
-/// Serves the HTTP requests arriving on `stream` (a tunnel stream, or a plaintext connection)
-/// to `app`, in the stream's protocol.
+/// Serves the HTTP requests arriving on `stream` to `app`, in the stream's protocol. `stream` is
+/// a tunnel stream from another agent, or a plaintext connection from a client outside the
+/// mesh (`client_facing`: the agent's own answers to gRPC requests then take the gRPC form; to
+/// another agent they keep their HTTP status, which that agent judges and shapes itself).
 pub async fn serve<S>(
     ctx: Arc<ProxyContext>,
     pod: PodId,
@@ -71,6 +79,7 @@ pub async fn serve<S>(
     stream: S,
     app: TcpStream,
     http2: bool,
+    client_facing: bool,
 ) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -92,7 +101,7 @@ where
     } else {
         let (sender, connection) = http1::handshake(app).await?;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            if let Err(err) = connection.with_upgrades().await {
                 debug!(error = %err, "app HTTP/1.1 connection ended");
             }
             app_closed.cancel();
@@ -108,7 +117,20 @@ where
             Arc::clone(&counters),
             Arc::clone(&connection),
         );
-        async move { Ok::<_, Infallible>(deliver(&ctx, &pod, &counters, &connection, request).await) }
+        async move {
+            let grpc = is_grpc(request.headers());
+            let mut response = deliver(&ctx, &pod, &counters, &connection, request).await;
+            if grpc && client_facing {
+                response = grpc_shaped(response);
+            } else if grpc && response.headers().contains_key(LOCAL_REPLY) {
+                // The source agent reads gRPC errors from an HTTP status in a gRPC answer.
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let stream = TokioIo::new(stream);
     let served = if http2 {
@@ -116,7 +138,9 @@ where
             conn::http2::Builder::new(TokioExecutor::new()).serve_connection(stream, service);
         until_finished(&ctx, &finish, pin!(connection), |c| c.graceful_shutdown()).await
     } else {
-        let connection = conn::http1::Builder::new().serve_connection(stream, service);
+        let connection = conn::http1::Builder::new()
+            .serve_connection(stream, service)
+            .with_upgrades();
         until_finished(&ctx, &finish, pin!(connection), |c| c.graceful_shutdown()).await
     };
     served.unwrap_or(Ok(()))
@@ -127,23 +151,7 @@ async fn deliver(
     pod: &PodId,
     counters: &InboundCounters,
     app: &AppConnection,
-    request: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let grpc = is_grpc(request.headers());
-    let response = deliver_to_app(ctx, pod, counters, app, request).await;
-    if grpc {
-        grpc_shaped(response)
-    } else {
-        response
-    }
-}
-
-async fn deliver_to_app(
-    ctx: &ProxyContext,
-    pod: &PodId,
-    counters: &InboundCounters,
-    app: &AppConnection,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     counters.http_requests.fetch_add(1, Relaxed);
     match request_deadline(request.headers(), SystemTime::now()) {
@@ -159,8 +167,22 @@ async fn deliver_to_app(
         Err(err) => return agent_reply(StatusCode::BAD_REQUEST, &err.to_string()),
     }
     let trace = trace_id(request.headers());
+    // A protocol switch (WebSocket from a client outside the mesh): once the app agrees, both
+    // connections are handed over and spliced.
+    let client_side = request
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut request));
     let mut response = match app.send(request).await {
-        Ok(response) => response.map(|body| body.boxed()),
+        Ok(mut response) => {
+            match client_side {
+                Some(client_side) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    splice_upgraded(ctx, client_side, hyper::upgrade::on(&mut response));
+                }
+                _ => strip_hop_by_hop(response.headers_mut()),
+            }
+            response.map(|body| body.boxed())
+        }
         Err(err) if err.is_closed() || err.is_canceled() => {
             debug!(%pod, error = %err, "the app connection had closed; request not delivered");
             let mut reply = agent_reply(
@@ -178,7 +200,7 @@ async fn deliver_to_app(
         }
     };
     let gave_up = trace.is_some_and(|trace| ctx.exhausted.contains(trace, Instant::now()));
-    if response.status().is_server_error() && gave_up {
+    if gave_up && is_failure(response.status(), response.headers()) {
         response
             .headers_mut()
             .insert(RETRIES_EXHAUSTED, HeaderValue::from_static("1"));

@@ -3,12 +3,13 @@
 //! the request's deadline.
 //!
 //! One request's path: [`serve`] runs hyper's server on the client connection → [`handle`]
-//! checks the deadline, selects the route rule and reads the body for replay → [`forward`]
+//! checks the deadline and selects the route rule → [`forward`]
 //! loops over tries: pick an endpoint, send it through the pod's [`ConnectionPool`], judge the
 //! outcome, and either answer or back off and try another endpoint.
 use std::{
     convert::Infallible,
     future::Future,
+    net::SocketAddrV4,
     pin::{pin, Pin},
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant, SystemTime},
@@ -21,14 +22,14 @@ use http::{
     HeaderMap, Request, Response, StatusCode,
 };
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper::{body::Incoming, server::conn, service::service_fn};
+use hyper::{body::Incoming, server::conn, service::service_fn, upgrade::OnUpgrade};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{
-    body::BufferedBody,
+    body::{RecordedBody, UpstreamBody},
     deadline::{request_deadline, set_deadline},
     detect::{Prefixed, Protocol},
     pool::SendError,
@@ -48,21 +49,34 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// Serves HTTP on a client connection to the service port `entry` until the client closes it
-/// or the agent's drain period ends.
+/// Serves HTTP on a client connection to the service port at `vip` (`entry` when the
+/// connection was accepted) until the client closes it or the agent's drain period ends. Each
+/// request is routed by the service's routes in force when it arrives, so a reload reaches
+/// long-lived connections too.
 pub async fn serve(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     client: Prefixed<TcpStream>,
     protocol: Protocol,
-    entry: Arc<ServicePortEntry>,
+    vip: SocketAddrV4,
+    entry: &ServicePortEntry,
 ) {
     let counters = ctx.stats.service(&entry.backend.id);
     let service = {
         let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
         service_fn(move |request| {
-            let (ctx, pod, entry) = (Arc::clone(&ctx), Arc::clone(&pod), Arc::clone(&entry));
-            async move { Ok::<_, Infallible>(handle(&ctx, &pod, &entry, request).await) }
+            let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
+            async move {
+                let entry = ctx.state.get().services.at(vip).cloned();
+                let response = match entry {
+                    Some(entry) => handle(&ctx, &pod, &entry, request).await,
+                    None => agent_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the service is no longer configured",
+                    ),
+                };
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let io = TokioIo::new(client);
@@ -175,25 +189,15 @@ async fn route_and_forward(
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let trace = ensure_trace(&mut parts.headers);
-    let body = match BufferedBody::read(body, ctx.retry_body_limit).await {
-        Ok(body) => body,
-        Err(err) => {
-            debug!(pod = %pod.id, error = %err, "reading a request body failed");
-            return local_reply(
-                StatusCode::BAD_REQUEST,
-                "the request body could not be read",
-                &counters,
-            );
-        }
-    };
-    if let Some(mirror) = &rule.mirror {
-        if let Some(copy) = body.replay() {
-            mirror_request(ctx, pod, mirror, &parts, copy, deadline, &counters);
-        }
-    }
-    let response = forward(ctx, pod, rule, parts, body, deadline, &counters).await;
+    let mut body = RecordedBody::new(body, ctx.retry_body_limit);
+    let response = forward(ctx, pod, rule, &parts, &mut body, deadline, &counters).await;
     if response.headers().contains_key(RETRIES_EXHAUSTED) {
         ctx.exhausted.record(trace, Instant::now());
+    }
+    // The copy goes once the body has been seen whole (by the first try); a body too large or
+    // still streaming is not mirrored.
+    if let (Some(mirror), Some(copy)) = (&rule.mirror, body.replay()) {
+        mirror_request(ctx, pod, mirror, &parts, copy, deadline, &counters);
     }
     response
 }
@@ -204,8 +208,8 @@ async fn forward(
     ctx: &ProxyContext,
     pod: &PodProxy,
     rule: &CompiledRule,
-    parts: Parts,
-    body: BufferedBody,
+    parts: &Parts,
+    body: &mut RecordedBody,
     deadline: Option<SystemTime>,
     counters: &ServiceCounters,
 ) -> Response<ProxyBody> {
@@ -215,8 +219,6 @@ async fn forward(
     if let Some(budget) = &backend.budget {
         budget.record_request(started);
     }
-    let replayable = body.replay().is_some();
-    let mut body = Some(body);
     let mut avoid = Vec::new();
     let mut tries = 0;
     loop {
@@ -245,12 +247,8 @@ async fn forward(
             }
         };
         let endpoint = pick.endpoint();
-        let request_body = match (replayable, &body) {
-            (true, Some(buffered)) => buffered.replay(),
-            _ => body.take().map(BufferedBody::into_stream),
-        };
-        let Some(request_body) = request_body else {
-            // Unreachable: a body that streams is sent once, and then no retry is allowed.
+        let Some(request_body) = body.first().or_else(|| body.replay()) else {
+            // Unreachable: a retry starts only with a recorded body.
             return local_reply(
                 StatusCode::BAD_GATEWAY,
                 "the request body was already sent",
@@ -281,17 +279,19 @@ async fn forward(
                     status: response.status(),
                     headers: response.headers(),
                 },
-                Some(response.status()),
+                Some(is_failure(response.status(), response.headers())),
             ),
         };
-        let failed = response.is_none_or(|status| status.is_server_error());
+        let failed = response.unwrap_or(true);
         let retry_allowed = policy.should_retry(&parts.method, &outcome);
         if failed {
             pick.failure(latency, Instant::now());
         } else {
             pick.success(latency, Instant::now());
         }
-        let more_tries = tries < policy.attempts && replayable;
+        // Another try needs the whole body again, and time left for it.
+        let time_left = deadline.is_none_or(|d| d > SystemTime::now());
+        let more_tries = tries < policy.attempts && time_left && body.replay().is_some();
         let retry = retry_allowed
             && more_tries
             && match &backend.budget {
@@ -327,6 +327,7 @@ async fn forward(
             Some(Ok((response, _))) => {
                 counters.count_response(response.status());
                 let mut response = response.map(|body| body.boxed());
+                strip_hop_by_hop(response.headers_mut());
                 if exhausted {
                     response
                         .headers_mut()
@@ -370,10 +371,15 @@ fn mirror_request(
     pod: &Arc<PodProxy>,
     mirror: &Arc<ServiceBackend>,
     parts: &Parts,
-    body: super::body::ReplayBody,
+    body: UpstreamBody,
     deadline: Option<SystemTime>,
     counters: &ServiceCounters,
 ) {
+    // A slow shadow must not pile up connections: past the cap, copies are skipped.
+    let Ok(slot) = Arc::clone(&mirror.mirror_slots).try_acquire_owned() else {
+        counters.mirrors_skipped.fetch_add(1, Relaxed);
+        return;
+    };
     let Ok(pick) = mirror.balancer.pick(&[], Instant::now()) else {
         return;
     };
@@ -383,7 +389,9 @@ fn mirror_request(
         set_deadline(request.headers_mut(), deadline, SystemTime::now());
     }
     let (ctx, pod, mirror) = (Arc::clone(ctx), Arc::clone(pod), Arc::clone(mirror));
-    tokio::spawn(async move {
+    let tasks = ctx.connections.clone();
+    tasks.spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         let endpoint = pick.endpoint();
         let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
@@ -426,16 +434,12 @@ async fn forward_upgrade(
     let endpoint = pick.endpoint();
     let client_side = hyper::upgrade::on(&mut request);
     let (parts, body) = request.into_parts();
-    let body = BufferedBody::read(body, 0).await;
-    let Ok(body) = body else {
-        return local_reply(
-            StatusCode::BAD_REQUEST,
-            "the request body could not be read",
-            counters,
-        );
-    };
+    let mut body = RecordedBody::new(body, 0);
     let started = Instant::now();
-    let request = Request::from_parts(parts, body.into_stream());
+    let Some(body) = body.first() else {
+        return local_reply(StatusCode::BAD_GATEWAY, "no request body to send", counters);
+    };
+    let request = Request::from_parts(parts, body);
     let sent = pod.http.send_upgrade(ctx, pod, endpoint, request).await;
     let mut response = match sent {
         Ok(response) => response,
@@ -453,28 +457,33 @@ async fn forward_upgrade(
     pick.success(started.elapsed(), Instant::now());
     counters.count_response(response.status());
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream_side = hyper::upgrade::on(&mut response);
-        let abort = ctx.abort.clone();
-        tokio::spawn(async move {
-            let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
-                Ok(both) => both,
-                Err(err) => {
-                    debug!(%endpoint, error = %err, "protocol switch did not complete");
-                    return;
-                }
-            };
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            tokio::select! {
-                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                    if let Err(err) = copied {
-                        debug!(%endpoint, error = %err, "switched-protocol connection ended with an error");
-                    }
-                }
-                () = abort.cancelled() => {}
-            }
-        });
+        splice_upgraded(ctx, client_side, hyper::upgrade::on(&mut response));
     }
     response.map(|body| body.boxed())
+}
+
+/// Once both sides of a protocol switch have handed over their connections, copies bytes
+/// between them in a task the drain tracks.
+pub fn splice_upgraded(ctx: &ProxyContext, client: OnUpgrade, upstream: OnUpgrade) {
+    let abort = ctx.abort.clone();
+    ctx.connections.spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(both) => both,
+            Err(err) => {
+                debug!(error = %err, "protocol switch did not complete");
+                return;
+            }
+        };
+        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Err(err) = copied {
+                    debug!(error = %err, "switched-protocol connection ended with an error");
+                }
+            }
+            () = abort.cancelled() => {}
+        }
+    });
 }
 
 /// An answer made by the agent itself, counted and marked so it is told apart from the app's.
@@ -502,6 +511,22 @@ pub fn agent_reply(status: StatusCode, reason: &str) -> Response<ProxyBody> {
         .headers_mut()
         .insert(LOCAL_REPLY, HeaderValue::from_static("1"));
     response
+}
+
+/// Whether an answer is a failure of the endpoint: a 5xx, or for gRPC (whose errors travel as
+/// HTTP 200) a status that says the server could not do the work.
+pub fn is_failure(status: StatusCode, headers: &HeaderMap) -> bool {
+    if status.is_server_error() {
+        return true;
+    }
+    const UNKNOWN: &[u8] = b"2";
+    const DEADLINE_EXCEEDED: &[u8] = b"4";
+    const INTERNAL: &[u8] = b"13";
+    const UNAVAILABLE: &[u8] = b"14";
+    is_grpc(headers)
+        && headers.get("grpc-status").is_some_and(|code| {
+            [UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE].contains(&code.as_bytes())
+        })
 }
 
 pub fn is_grpc(headers: &HeaderMap) -> bool {
@@ -543,10 +568,10 @@ pub fn grpc_shaped(response: Response<ProxyBody>) -> Response<ProxyBody> {
 }
 
 /// Header of the agent's own answers.
-const LOCAL_REPLY: &str = "x-weft-local-reply";
+pub const LOCAL_REPLY: &str = "x-weft-local-reply";
 
 /// Headers of one connection, not of the request (RFC 9110 §7.6.1): never forwarded.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -69,7 +69,15 @@ pub async fn serve_service(
     if protocol == Protocol::Opaque {
         relay_opaque(&ctx, &pod, client, prefix, &entry).await;
     } else {
-        http::serve(ctx, pod, Prefixed::new(prefix, client), protocol, entry).await;
+        http::serve(
+            ctx,
+            pod,
+            Prefixed::new(prefix, client),
+            protocol,
+            vip,
+            &entry,
+        )
+        .await;
     }
 }
 

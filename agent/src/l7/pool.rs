@@ -9,6 +9,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, Result};
@@ -25,7 +26,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{body::ReplayBody, deliver::UNDELIVERED};
+use super::{body::UpstreamBody, deliver::UNDELIVERED};
 use crate::{
     lock,
     proxy::{open_upstream, PodProxy, ProxyContext, Upstream},
@@ -60,9 +61,21 @@ pub struct ConnectionPool {
 }
 
 /// An HTTP/1.1 connection waiting for its next request, and how it reaches its endpoint.
-type IdleHttp1 = (http1::SendRequest<ReplayBody>, Transport);
+type IdleHttp1 = (http1::SendRequest<UpstreamBody>, Transport);
 
-type Http2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<ReplayBody>, Transport)>>>;
+type Http2Slot = Arc<tokio::sync::Mutex<Http2Connection>>;
+
+/// The one HTTP/2 connection to an endpoint, or how its last dial failed.
+#[derive(Default)]
+struct Http2Connection {
+    connection: Option<(http2::SendRequest<UpstreamBody>, Transport)>,
+    failure: Option<(Instant, String)>,
+}
+
+/// How long a failed HTTP/2 dial answers for the requests queued behind it.
+const DIAL_FAILURE_MEMORY: Duration = Duration::from_secs(1);
+/// Idle probes of plain TCP connections to endpoints; a peer silent for three is dead.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(10);
 
 impl ConnectionPool {
     /// Sends `request` to `endpoint` in the HTTP version of the request; the response body
@@ -72,7 +85,7 @@ impl ConnectionPool {
         ctx: &ProxyContext,
         pod: &PodProxy,
         endpoint: SocketAddrV4,
-        mut request: Request<ReplayBody>,
+        mut request: Request<UpstreamBody>,
     ) -> Result<(Response<PooledBody>, Transport), SendError> {
         if request.version() == Version::HTTP_2 {
             let (mut sender, transport) = self.http2_sender(ctx, pod, endpoint).await?;
@@ -118,7 +131,7 @@ impl ConnectionPool {
         ctx: &ProxyContext,
         pod: &PodProxy,
         endpoint: SocketAddrV4,
-        mut request: Request<ReplayBody>,
+        mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, SendError> {
         *request.version_mut() = Version::HTTP_11;
         let (io, _) = connect(ctx, pod, endpoint, None).await?;
@@ -169,7 +182,7 @@ impl ConnectionPool {
     fn idle_http1(
         &self,
         endpoint: SocketAddrV4,
-    ) -> Option<(http1::SendRequest<ReplayBody>, Transport)> {
+    ) -> Option<(http1::SendRequest<UpstreamBody>, Transport)> {
         let mut idle = lock(&self.idle_http1);
         let senders = idle.get_mut(&endpoint)?;
         while let Some((sender, transport)) = senders.pop() {
@@ -185,23 +198,43 @@ impl ConnectionPool {
         ctx: &ProxyContext,
         pod: &PodProxy,
         endpoint: SocketAddrV4,
-    ) -> Result<(http2::SendRequest<ReplayBody>, Transport), SendError> {
+    ) -> Result<(http2::SendRequest<UpstreamBody>, Transport), SendError> {
         let slot = Arc::clone(lock(&self.http2).entry(endpoint).or_default());
         // Concurrent first requests wait for one dial instead of each opening a connection.
         let mut slot = slot.lock().await;
-        if let Some((sender, transport)) = slot.as_ref().filter(|(s, _)| !s.is_closed()) {
+        if let Some((sender, transport)) = slot.connection.as_ref().filter(|(s, _)| !s.is_closed())
+        {
             return Ok((sender.clone(), *transport));
         }
-        let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP2)).await?;
-        let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(|err| SendError::Connect(err.into()))?;
+        // The requests that queued behind a failed dial fail with it rather than each waiting
+        // for a dial of its own.
+        if let Some((at, error)) = &slot.failure {
+            if at.elapsed() < DIAL_FAILURE_MEMORY {
+                return Err(SendError::Connect(anyhow!("{error}")));
+            }
+        }
+        let dialed = async {
+            let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP2)).await?;
+            let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|err| SendError::Connect(err.into()))?;
+            Ok((sender, connection, transport))
+        };
+        let (sender, connection, transport) = match dialed.await {
+            Ok(dialed) => dialed,
+            Err(SendError::Connect(err)) => {
+                slot.failure = Some((Instant::now(), format!("{err:#}")));
+                return Err(SendError::Connect(err));
+            }
+            Err(err) => return Err(err),
+        };
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 debug!(%endpoint, error = %err, "upstream HTTP/2 connection ended");
             }
         });
-        *slot = Some((sender.clone(), transport));
+        slot.connection = Some((sender.clone(), transport));
+        slot.failure = None;
         Ok((sender, transport))
     }
 }
@@ -241,6 +274,16 @@ async fn connect(
         Upstream::Tunnel(stream) => UpstreamIo::Tunnel(stream.into_io()),
         Upstream::Tcp(stream) => {
             let _ = stream.set_nodelay(true);
+            // A pooled connection to a vanished endpoint must fail in seconds, not after the
+            // kernel's ~15 minutes of retransmissions (tunnel connections do this themselves).
+            let socket = socket2::SockRef::from(&stream);
+            let _ = socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(TCP_KEEPALIVE)
+                    .with_interval(TCP_KEEPALIVE)
+                    .with_retries(3),
+            );
+            let _ = socket.set_tcp_user_timeout(Some(TCP_KEEPALIVE * 3));
             UpstreamIo::Tcp(stream)
         }
     };
@@ -251,7 +294,7 @@ async fn connect(
 struct Release {
     pool: Arc<ConnectionPool>,
     endpoint: SocketAddrV4,
-    sender: http1::SendRequest<ReplayBody>,
+    sender: http1::SendRequest<UpstreamBody>,
     transport: Transport,
 }
 

@@ -22,6 +22,10 @@ use super::{
 };
 use crate::config::{AppProtocol, Config, ServiceSpec, WhenAllEjected};
 
+/// Enough for a shadow a few times slower than the primary at thousands of requests a second;
+/// each copy in flight holds a connection.
+const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
 /// One port of a service and its endpoints.
 pub struct ServiceBackend {
     /// `namespace/name:port`, for logs and counters.
@@ -31,6 +35,8 @@ pub struct ServiceBackend {
     pub balancer: Balancer,
     /// `None` when the service's budget is switched off.
     pub budget: Option<RetryBudget>,
+    /// Mirrored requests in flight to this service at most.
+    pub mirror_slots: Arc<tokio::sync::Semaphore>,
     budget_settings: Option<BudgetSettings>,
 }
 
@@ -149,6 +155,7 @@ impl Services {
                         protocol: port.protocol,
                         balancer: Balancer::new(endpoints, outlier),
                         budget: budget_settings.clone().map(RetryBudget::new),
+                        mirror_slots: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
                         budget_settings,
                     }),
                 };
