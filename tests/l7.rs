@@ -960,3 +960,100 @@ fn unix_ms_now() -> Result<String> {
         .as_millis()
         .to_string())
 }
+
+/// Asks `addr` to switch to the testapp's `echo` protocol, then sends a line over the switched
+/// connection; what came back: the status line and the echoed line.
+fn switch_and_echo(pod: &Pod, addr: &str) -> Result<String> {
+    let (host, port) = addr.split_once(':').context("address without port")?;
+    let script = format!(
+        "exec 3<>/dev/tcp/{host}/{port}
+printf 'GET /switch HTTP/1.1\\r\\nHost: echo\\r\\nConnection: upgrade\\r\\nUpgrade: echo\\r\\n\\r\\n' >&3
+IFS= read -r status <&3
+while IFS= read -r line <&3; do [ \"$line\" = $'\\r' ] && break; done
+printf 'ping over the switched connection\\n' >&3
+IFS= read -r reply <&3
+printf '%s|%s' \"${{status%$'\\r'}}\" \"$reply\""
+    );
+    let out = pod
+        .command("timeout")?
+        .args(["5", "bash", "-c", &script])
+        .output()
+        .context("running bash in a pod")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn switched_protocols_pass_through_a_service_and_into_a_meshed_pod() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7upg", 2)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    label(&mut mesh, "b1", "{app: echo}")?;
+    mesh.services = service("echo", "10.96.0.10", "echo", "");
+    // a2 stays outside the mesh: its connection to b1 arrives as plaintext (PERMISSIVE).
+    mesh.workloads.retain(|w| w.pod.name != "a2");
+    let node_a = lab.node("a")?;
+    let node_b = lab.node("b")?;
+    let _client_agent = Agent::start_with(&lab, node_a, &mesh.config_yaml(node_a, &[a1]), &[a1])?;
+    let _server_agent = Agent::start_with(&lab, node_b, &mesh.config_yaml(node_b, &[b1]), &[b1])?;
+    let _app = serve(b1, "echo", &[])?;
+    let expected = "HTTP/1.1 101 Switching Protocols|ping over the switched connection";
+    let through_service = switch_and_echo(a1, "10.96.0.10:80")?;
+    ensure!(
+        through_service == expected,
+        "through the service: {through_service:?}"
+    );
+    let from_outside = switch_and_echo(lab.pod("a2")?, &format!("{}:{APP_PORT}", b1.ip))?;
+    ensure!(
+        from_outside == expected,
+        "from outside the mesh: {from_outside:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn grpc_calls_are_retried_on_their_grpc_status() -> Result<()> {
+    let (lab, mut mesh) = l7_lab("l7grr", 1)?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    label(&mut mesh, "b1", "{app: grpc}")?;
+    mesh.services = [
+        service_entry(
+            "grpc",
+            "10.96.0.40",
+            "[{port: 80, target_port: 8080, protocol: grpc}]",
+            "{app: grpc}",
+        ),
+        "    retry_budget: {ratio: 1.0}\n".to_owned(),
+        service_entry(
+            "plain",
+            "10.96.0.41",
+            "[{port: 80, target_port: 8080, protocol: grpc}]",
+            "{app: grpc}",
+        ),
+    ]
+    .concat();
+    // gRPC calls are POSTs: retrying them is the route's explicit choice.
+    mesh.routes = route(
+        "grpc",
+        "grpc",
+        "retry: {attempts: 3, on: [unavailable], nonIdempotent: true}",
+    );
+    let _agents = start_meshed_agents(&lab, &mesh)?;
+    // Every other call fails with UNAVAILABLE in a trailers-only answer.
+    let _app = serve(b1, "grpc", &["--grpc", "--fail-percent", "50"])?;
+    let statuses = |url: &str| -> Result<Vec<u64>> {
+        (0..20)
+            .map(|_| {
+                let call = testapp_json(a1, &["grpc-call", "--url", url, "--message", "hi"])?;
+                call["grpc_status"]
+                    .as_u64()
+                    .with_context(|| format!("no grpc status: {call}"))
+            })
+            .collect()
+    };
+    let retried = statuses("http://10.96.0.40")?;
+    ensure!(retried.iter().all(|s| *s == 0), "with retries: {retried:?}");
+    // The control: the same endpoint through a service without the route fails half the calls.
+    let plain = statuses("http://10.96.0.41")?;
+    let failed = plain.iter().filter(|s| **s == 14).count();
+    ensure!((8..=12).contains(&failed), "without retries: {plain:?}");
+    Ok(())
+}

@@ -23,7 +23,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::{Bytes, Incoming},
     client::conn::{http1, http2},
-    header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST},
+    header::{HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE},
     service::service_fn,
     HeaderMap, Method, Request, Response, StatusCode, Uri,
 };
@@ -353,7 +353,7 @@ where
             });
             // Connection errors (resets, garbage) concern only that client.
             let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }
@@ -382,7 +382,7 @@ async fn stats_request(app: Arc<App>, req: Request<Incoming>) -> Response<Body> 
     response
 }
 
-async fn request(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn request(app: Arc<App>, mut req: Request<Incoming>) -> Response<Body> {
     let late = deadline_passed(req.headers());
     let grpc = app.grpc && is_grpc(req.headers());
     let sequence = {
@@ -395,6 +395,22 @@ async fn request(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             .or_default() += 1;
         counters.requests - 1
     };
+    // `Upgrade: echo` switches the connection to echoing bytes, as a WebSocket-like protocol.
+    if req.headers().get(UPGRADE).is_some_and(|v| v == "echo") {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            }
+        });
+        let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+        let headers = response.headers_mut();
+        headers.remove(CONTENT_TYPE);
+        headers.insert(UPGRADE, HeaderValue::from_static("echo"));
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        return response;
+    }
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(collected) => collected.to_bytes(),

@@ -102,8 +102,13 @@ impl<B: Body<Data = Bytes> + Unpin> Body for UpstreamBody<B> {
                 record,
                 limit,
             } => {
-                let poll = Pin::new(inner).poll_frame(cx);
+                let poll = Pin::new(&mut *inner).poll_frame(cx);
                 let mut record = lock(record);
+                // Senders stop polling once a body says it has ended, so its final `None` may
+                // never be seen.
+                if inner.is_end_stream() {
+                    record.complete = true;
+                }
                 match &poll {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
@@ -217,6 +222,17 @@ mod tests {
             assert_eq!(bytes, b"abcd");
             assert_eq!(trailers.unwrap()["grpc-status"], "0");
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_recorded_whole_once_its_last_frame_is_read() {
+        let mut body = RecordedBody::new(frames(&["ab", "cd"], false, None), 8);
+        let mut first = body.first().unwrap();
+        // As an HTTP/2 sender does: stop polling when the body says it has ended.
+        while !first.is_end_stream() {
+            first.frame().await.unwrap().unwrap();
+        }
+        assert_eq!(collect(body.replay().unwrap()).await.0, b"abcd");
     }
 
     #[tokio::test]
