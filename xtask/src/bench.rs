@@ -1386,6 +1386,21 @@ pub(crate) struct Schedule {
 }
 
 impl Schedule {
+    /// A schedule starting now: `target`'s warm-up, then its recorded seconds, at `rate` over
+    /// `connections` connections.
+    pub(crate) fn starting_now(target: &TargetArgs, rate: u32, connections: u32) -> Self {
+        let start = tokio::time::Instant::now();
+        let record_from = start + Duration::from_secs(target.warmup_seconds);
+        Self {
+            start,
+            record_from,
+            end: record_from + Duration::from_secs(target.seconds),
+            rate,
+            connections,
+            size: target.size as usize,
+        }
+    }
+
     /// When exchange `n` of connection `connection` is due: the connections take turns, so the
     /// whole run sends at an even `rate`.
     pub(crate) fn due(&self, connection: u32, n: u64) -> tokio::time::Instant {
@@ -1416,16 +1431,7 @@ async fn drive_load(args: &LatencyArgs) -> Result<LoadReport> {
         stream.set_nodelay(true)?;
         streams.push(stream);
     }
-    let start = tokio::time::Instant::now();
-    let record_from = start + Duration::from_secs(args.target.warmup_seconds);
-    let schedule = Schedule {
-        start,
-        record_from,
-        end: record_from + Duration::from_secs(args.target.seconds),
-        rate: args.rate,
-        connections: args.connections,
-        size: args.target.size as usize,
-    };
+    let schedule = Schedule::starting_now(&args.target, args.rate, args.connections);
     let tasks: Vec<_> = streams
         .into_iter()
         .zip(0..)

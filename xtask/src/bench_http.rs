@@ -536,16 +536,7 @@ pub(crate) async fn drive_http(args: &HttpLoadArgs) -> Result<HttpReport> {
             )
         });
     }
-    let start = tokio::time::Instant::now();
-    let record_from = start + Duration::from_secs(args.target.warmup_seconds);
-    let schedule = Schedule {
-        start,
-        record_from,
-        end: record_from + Duration::from_secs(args.target.seconds),
-        rate: args.rate,
-        connections: args.connections,
-        size: args.target.size as usize,
-    };
+    let schedule = Schedule::starting_now(&args.target, args.rate, args.connections);
     let tasks: Vec<_> = senders
         .into_iter()
         .zip(0..)
