@@ -161,12 +161,7 @@ impl Stats {
     }
 
     pub fn services_snapshot(&self) -> serde_json::Value {
-        let services = lock(&self.services);
-        let by_id: std::collections::BTreeMap<&str, &ServiceCounters> = services
-            .iter()
-            .map(|(id, counters)| (id.as_str(), counters.as_ref()))
-            .collect();
-        serde_json::to_value(by_id).unwrap_or_default()
+        by_name(&lock(&self.services))
     }
 
     pub fn inbound(&self, pod: &PodId) -> Arc<InboundCounters> {
@@ -175,12 +170,7 @@ impl Stats {
 
     /// Inbound counters by destination pod, serialisable as they are (atomics serialise as numbers).
     pub fn inbound_snapshot(&self) -> serde_json::Value {
-        let inbound = lock(&self.inbound);
-        let by_pod: std::collections::BTreeMap<String, &InboundCounters> = inbound
-            .iter()
-            .map(|(pod, counters)| (pod.to_string(), counters.as_ref()))
-            .collect();
-        serde_json::to_value(by_pod).unwrap_or_default()
+        by_name(&lock(&self.inbound))
     }
 
     pub fn snapshot(&self) -> Vec<FlowSnapshot> {
@@ -215,6 +205,15 @@ impl Stats {
         });
         snapshot
     }
+}
+
+/// Counters keyed by name, sorted, as JSON (atomics serialise as numbers).
+fn by_name<K: ToString, C: Serialize>(counters: &HashMap<K, Arc<C>>) -> serde_json::Value {
+    let sorted: std::collections::BTreeMap<String, &C> = counters
+        .iter()
+        .map(|(name, counters)| (name.to_string(), counters.as_ref()))
+        .collect();
+    serde_json::to_value(sorted).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -60,6 +60,12 @@ impl<B: Body<Data = Bytes> + Unpin> RecordedBody<B> {
         })
     }
 
+    /// Whether the whole body has been recorded, so [`replay`](Self::replay) has a copy.
+    pub fn is_replayable(&self) -> bool {
+        let record = lock(&self.record);
+        record.complete && !record.overflowed
+    }
+
     /// Another copy of the body, if the whole of it has been recorded.
     pub fn replay(&self) -> Option<UpstreamBody<B>> {
         let record = lock(&self.record);

@@ -196,8 +196,10 @@ async fn route_and_forward(
     }
     // The copy goes once the body has been seen whole (by the first try); a body too large or
     // still streaming is not mirrored.
-    if let (Some(mirror), Some(copy)) = (&rule.mirror, body.replay()) {
-        mirror_request(ctx, pod, mirror, &parts, copy, deadline, &counters);
+    if let Some(mirror) = &rule.mirror {
+        if let Some(copy) = body.replay() {
+            mirror_request(ctx, pod, mirror, &parts, copy, deadline, &counters);
+        }
     }
     response
 }
@@ -291,7 +293,7 @@ async fn forward(
         }
         // Another try needs the whole body again, and time left for it.
         let time_left = deadline.is_none_or(|d| d > SystemTime::now());
-        let more_tries = tries < policy.attempts && time_left && body.replay().is_some();
+        let more_tries = tries < policy.attempts && time_left && body.is_replayable();
         let retry = retry_allowed
             && more_tries
             && match &backend.budget {

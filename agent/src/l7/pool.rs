@@ -135,14 +135,7 @@ impl ConnectionPool {
     ) -> Result<Response<PooledBody>, SendError> {
         *request.version_mut() = Version::HTTP_11;
         let (io, _) = connect(ctx, pod, endpoint, None).await?;
-        let (mut sender, connection) = http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|err| SendError::Connect(err.into()))?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.with_upgrades().await {
-                debug!(%endpoint, error = %err, "upstream connection ended");
-            }
-        });
+        let mut sender = http1_connection(io, endpoint).await?;
         let response = sender.send_request(request).await.map_err(classify)?;
         Ok(response.map(|inner| PooledBody {
             inner,
@@ -164,14 +157,7 @@ impl ConnectionPool {
             }
         }
         let (io, transport) = connect(ctx, pod, endpoint, Some(HTTP1)).await?;
-        let (mut sender, connection) = http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|err| SendError::Connect(err.into()))?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.with_upgrades().await {
-                debug!(%endpoint, error = %err, "upstream HTTP/1.1 connection ended");
-            }
-        });
+        let mut sender = http1_connection(io, endpoint).await?;
         sender
             .ready()
             .await
@@ -237,6 +223,22 @@ impl ConnectionPool {
         slot.failure = None;
         Ok((sender, transport))
     }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by a task of its own.
+async fn http1_connection(
+    io: UpstreamIo,
+    endpoint: SocketAddrV4,
+) -> Result<http1::SendRequest<UpstreamBody>, SendError> {
+    let (sender, connection) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|err| SendError::Connect(err.into()))?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.with_upgrades().await {
+            debug!(%endpoint, error = %err, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// The destination agent could not hand the request to the app (see [`UNDELIVERED`]): for
