@@ -16,17 +16,14 @@ const APP: &str = env!("CARGO_BIN_EXE_weft-testapp");
 /// `requests` calls from a1 into the chain's first service, `concurrency` at a time, with
 /// `extra` load arguments; the load summary.
 fn call_chain(lab: &Lab, requests: u64, concurrency: u64, extra: &[&str]) -> Result<Value> {
-    let (requests, concurrency) = (requests.to_string(), concurrency.to_string());
-    let mut args = vec![
-        "--url",
+    weft_lab_tests::load_url(
+        APP,
+        lab.pod("a1")?,
         "http://10.96.1.1/",
-        "--requests",
-        &requests,
-        "--concurrency",
-        &concurrency,
-    ];
-    args.extend_from_slice(extra);
-    weft_lab_tests::load(APP, lab.pod("a1")?, &args)
+        requests,
+        concurrency,
+        extra,
+    )
 }
 
 /// `weft-testapp serve` in `pod`, named after it.

@@ -32,6 +32,11 @@ fn load(pod: &Pod, args: &[&str]) -> Result<Value> {
     weft_lab_tests::load(APP, pod, args)
 }
 
+/// `requests` GETs of `url` from `pod`, `concurrency` at a time, with `extra` load arguments.
+fn call(pod: &Pod, url: &str, requests: u64, concurrency: u64, extra: &[&str]) -> Result<Value> {
+    weft_lab_tests::load_url(APP, pod, url, requests, concurrency, extra)
+}
+
 fn status_count(summary: &Value, status: u16) -> u64 {
     summary["status"][status.to_string()].as_u64().unwrap_or(0)
 }
@@ -66,17 +71,7 @@ fn http_requests_to_a_service_are_balanced_across_its_endpoints() -> Result<()> 
     mesh.services = service("echo", "10.96.0.10", "echo", "");
     let agents = start_meshed_agents(&lab, &mesh)?;
     let (one, two) = (serve(b1, "one", &[])?, serve(b2, "two", &[])?);
-    let summary = load(
-        a1,
-        &[
-            "--url",
-            "http://10.96.0.10/",
-            "--requests",
-            "400",
-            "--concurrency",
-            "4",
-        ],
-    )?;
+    let summary = call(a1, "http://10.96.0.10/", 400, 4, &[])?;
     ensure!(status_count(&summary, 200) == 400, "{summary}");
     let (n1, n2) = (one.counter("requests")?, two.counter("requests")?);
     ensure!(n1 + n2 == 400, "endpoints saw {n1} + {n2} requests");
@@ -267,23 +262,12 @@ fn http_h2c_grpc_and_opaque_protocols_are_detected_through_a_service() -> Result
     )?;
     let _echo = App::start(APP, a2, &["echo", "--listen", "0.0.0.0:9000"], 9000)?;
 
-    let http1 = load(a1, &["--url", "http://10.96.0.10/", "--requests", "50"])?;
+    let http1 = call(a1, "http://10.96.0.10/", 50, 1, &[])?;
     ensure!(
         status_count(&http1, 200) == 50 && http1["bodies"]["web"] == 50,
         "HTTP/1.1: {http1}"
     );
-    let h2c = load(
-        a1,
-        &[
-            "--url",
-            "http://10.96.0.10/",
-            "--requests",
-            "50",
-            "--concurrency",
-            "4",
-            "--h2c",
-        ],
-    )?;
+    let h2c = call(a1, "http://10.96.0.10/", 50, 4, &["--h2c"])?;
     ensure!(
         status_count(&h2c, 200) == 50 && h2c["bodies"]["web"] == 50,
         "h2c: {h2c}"
@@ -354,7 +338,7 @@ fn malformed_and_oversized_requests_get_400_and_431() -> Result<()> {
     let agents = start_meshed_agents(&lab, &mesh)?;
     let web = serve(b1, "web", &[])?;
     let served = |expected: u64| -> Result<()> {
-        let summary = load(a1, &["--url", "http://10.96.0.10/", "--requests", "10"])?;
+        let summary = call(a1, "http://10.96.0.10/", 10, 1, &[])?;
         ensure!(
             status_count(&summary, 200) == 10,
             "after a bad request: {summary}"
@@ -444,17 +428,7 @@ fn a_route_splits_requests_by_weight() -> Result<()> {
     );
     let agents = start_meshed_agents(&lab, &mesh)?;
     let (v1, v2) = (serve(b1, "v1", &[])?, serve(b2, "v2", &[])?);
-    let summary = load(
-        a1,
-        &[
-            "--url",
-            "http://10.96.0.10/",
-            "--requests",
-            "10000",
-            "--concurrency",
-            "16",
-        ],
-    )?;
+    let summary = call(a1, "http://10.96.0.10/", 10000, 16, &[])?;
     ensure!(status_count(&summary, 200) == 10_000, "{summary}");
     let (n1, n2) = (v1.counter("requests")?, v2.counter("requests")?);
     let (body1, body2) = (
@@ -502,19 +476,7 @@ fn mirrored_requests_reach_a_failing_shadow_without_touching_the_caller() -> Res
         &["--fail-percent", "100", "--delay-ms", "200"],
     )?;
     const REQUESTS: u64 = 3000;
-    let summary = load(
-        a1,
-        &[
-            "--url",
-            "http://10.96.0.10/",
-            "--requests",
-            &REQUESTS.to_string(),
-            "--concurrency",
-            "16",
-            "--rate",
-            "1000",
-        ],
-    )?;
+    let summary = call(a1, "http://10.96.0.10/", REQUESTS, 16, &["--rate", "1000"])?;
     ensure!(
         status_count(&summary, 200) == REQUESTS && summary["bodies"]["echo"] == REQUESTS,
         "the caller must see the primary's 200s only: {summary}"
@@ -573,7 +535,7 @@ fn retries_hide_an_endpoint_failing_half_the_time() -> Result<()> {
     // The app fails every other request it receives, so the retry of a lone caller's failed
     // try lands on a success. Concurrent callers' tries interleave: a retry can land on a
     // failing turn too, and a few percent of requests could fail all four tries.
-    let retried = load(a1, &["--url", "http://10.96.0.10/", "--requests", "1000"])?;
+    let retried = call(a1, "http://10.96.0.10/", 1000, 1, &[])?;
     let ok = status_count(&retried, 200);
     ensure!(
         ok >= 990,
@@ -591,7 +553,7 @@ fn retries_hide_an_endpoint_failing_half_the_time() -> Result<()> {
         "the app saw {seen} requests for 1000 calls and {retries} retries"
     );
 
-    let control = load(a1, &["--url", "http://10.96.0.11/", "--requests", "1000"])?;
+    let control = call(a1, "http://10.96.0.11/", 1000, 1, &[])?;
     let failed = 1000 - status_count(&control, 200);
     ensure!(
         (450..=550).contains(&failed) && status_count(&control, 503) == failed,
@@ -781,9 +743,8 @@ fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
     label(&mut mesh, "b1", "{app: echo}")?;
     mesh.services = service("echo", "10.96.0.10", "echo", "");
     let agents = start_meshed_agents(&lab, &mesh)?;
-    let args = ["--url", "http://10.96.0.10/", "--requests", "20"];
     let app = serve(b1, "echo", &[])?;
-    let before = load(a1, &args)?;
+    let before = call(a1, "http://10.96.0.10/", 20, 1, &[])?;
     ensure!(status_count(&before, 200) == 20, "{before}");
     // The agent's pooled connection to the endpoint outlives the app process.
     drop(app);
@@ -796,7 +757,7 @@ fn a_restarted_app_behind_a_service_is_served_again() -> Result<()> {
         started.elapsed()
     );
     let app = serve(b1, "echo", &[])?;
-    let after = load(a1, &args)?;
+    let after = call(a1, "http://10.96.0.10/", 20, 1, &[])?;
     ensure!(
         status_count(&after, 200) == 20,
         "after the app restarted: {after}; the app saw {} requests; client agent: {}",

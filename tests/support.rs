@@ -314,6 +314,29 @@ pub fn load(binary: &str, pod: &Pod, args: &[&str]) -> Result<Value> {
     })
 }
 
+/// `requests` GETs of `url` from `pod`, `concurrency` at a time, with `extra` load arguments
+/// (see [`load`]); the load summary.
+pub fn load_url(
+    binary: &str,
+    pod: &Pod,
+    url: &str,
+    requests: u64,
+    concurrency: u64,
+    extra: &[&str],
+) -> Result<Value> {
+    let (requests, concurrency) = (requests.to_string(), concurrency.to_string());
+    let mut args = vec![
+        "--url",
+        url,
+        "--requests",
+        &requests,
+        "--concurrency",
+        &concurrency,
+    ];
+    args.extend_from_slice(extra);
+    load(binary, pod, &args)
+}
+
 /// An agent on every node of `lab` configured from `mesh`, with every pod enrolled.
 pub fn start_meshed_agents(lab: &Lab, mesh: &Mesh) -> Result<Vec<Agent>> {
     lab.nodes
