@@ -90,7 +90,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let ctx = Arc::new(ProxyContext {
         datapath: Arc::clone(&datapath),
         stats: Arc::clone(&stats),
-        state: SharedState::new(MeshState::from_config(&config, &Services::default())),
+        state: SharedState::new(MeshState::from_config(
+            &config,
+            &Services::default(),
+            &stats,
+        )),
         tunnels,
         socket_mark: settings.socket_mark,
         delivery_mark: settings.delivery_mark,
@@ -169,6 +173,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
                 ctx.state.replace(MeshState::from_config(
                     &in_force(&new, &startup),
                     &previous.services,
+                    &ctx.stats,
                 ));
                 enrollment.apply(&new).await;
                 config = new;

@@ -3,6 +3,7 @@
 //! workload, else as plain TCP from inside the pod.
 use std::{
     collections::HashMap,
+    fmt,
     future::Future,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -154,10 +155,9 @@ pub async fn serve_outbound(
             .await;
         }
         Err(err) => {
-            let transport = transport_to(&ctx, &pod, destination);
-            let flow = ctx.stats.flow(&pod.id, destination, transport);
+            let flow = ctx.stats.flow(&pod.id, destination, err.transport);
             flow.opened.fetch_add(1, Relaxed);
-            refuse(&pod, destination, &flow, &client, err);
+            refuse(&pod, destination, &flow, &client, err.reason);
         }
     }
 }
@@ -168,27 +168,27 @@ pub enum Upstream {
     Tcp(TcpStream),
 }
 
-/// How a connection from `pod` to `destination` leaves: through a tunnel when the destination is
-/// a meshed workload and the pod has an identity, else as plain TCP from inside the pod.
-fn transport_to(ctx: &ProxyContext, pod: &PodProxy, destination: SocketAddrV4) -> Transport {
-    let meshed = ctx.tunnels.is_some()
-        && pod.identity.is_some()
-        && ctx.state.get().workload(*destination.ip()).is_some();
-    if meshed {
-        Transport::Mtls
-    } else {
-        Transport::Plaintext
+/// An upstream that could not be opened, and the way it would have left (for the counters).
+pub struct OpenError {
+    pub transport: Transport,
+    pub reason: String,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
     }
 }
 
-/// Opens the way from `pod` to `destination` (see [`transport_to`]), bounded by the connect
-/// timeout; a tunnel stream carries `app_protocol` (see `tunnel::APP_PROTOCOL`).
+/// Opens the way from `pod` to `destination`: through a tunnel when the destination is a meshed
+/// workload and the pod has an identity, else as plain TCP from inside the pod; bounded by the
+/// connect timeout. A tunnel stream carries `app_protocol` (see `tunnel::APP_PROTOCOL`).
 pub async fn open_upstream(
     ctx: &ProxyContext,
     pod: &PodProxy,
     destination: SocketAddrV4,
     app_protocol: Option<&'static str>,
-) -> Result<(Upstream, Transport), String> {
+) -> Result<(Upstream, Transport), OpenError> {
     let state = ctx.state.get();
     let meshed = ctx
         .tunnels
@@ -204,12 +204,18 @@ pub async fn open_upstream(
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the tunnel stream did not open in time")))
         .map(|stream| (Upstream::Tunnel(stream), Transport::Mtls))
-        .map_err(|err| format!("{err:#}"));
+        .map_err(|err| OpenError {
+            transport: Transport::Mtls,
+            reason: format!("{err:#}"),
+        });
     }
     connect_upstream(ctx, pod, destination)
         .await
         .map(|stream| (Upstream::Tcp(stream), Transport::Plaintext))
-        .map_err(|err| err.to_string())
+        .map_err(|err| OpenError {
+            transport: Transport::Plaintext,
+            reason: err.to_string(),
+        })
 }
 
 /// Relays between `client` and an opened upstream until both sides are done, first sending

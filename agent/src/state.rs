@@ -12,6 +12,7 @@ use crate::{
     identity::Identity,
     l7::service::Services,
     policy::PolicySet,
+    stats::Stats,
 };
 
 #[derive(Debug)]
@@ -34,8 +35,9 @@ pub struct MeshState {
 
 impl MeshState {
     /// Without an identity section there is no mesh: no workload is known, all traffic is L4
-    /// (services still balance, over plain TCP). `previous` carries the services' run-time state.
-    pub fn from_config(config: &Config, previous: &Services) -> Self {
+    /// (services still balance, over plain TCP). `previous` carries the services' run-time state;
+    /// their counters live in `stats`.
+    pub fn from_config(config: &Config, previous: &Services, stats: &Stats) -> Self {
         let node_name = config.agent.node_name.clone();
         let mut workloads = HashMap::new();
         if let Some(identity) = &config.identity {
@@ -69,7 +71,7 @@ impl MeshState {
             node_name,
             workloads,
             policies: PolicySet::new(&config.policies),
-            services: Services::build(config, previous),
+            services: Services::build(config, previous, stats),
         }
     }
 

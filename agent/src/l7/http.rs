@@ -61,7 +61,7 @@ pub async fn serve(
     vip: SocketAddrV4,
     entry: &ServicePortEntry,
 ) {
-    let counters = ctx.stats.service(&entry.backend.id);
+    let counters = Arc::clone(&entry.backend.counters);
     let service = {
         let (ctx, pod) = (Arc::clone(&ctx), Arc::clone(&pod));
         service_fn(move |request| {
@@ -155,7 +155,7 @@ async fn route_and_forward(
     entry: &ServicePortEntry,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let counters = ctx.stats.service(&entry.backend.id);
+    let counters = Arc::clone(&entry.backend.counters);
     counters.requests.fetch_add(1, Relaxed);
     let now = SystemTime::now();
     let deadline = match request_deadline(request.headers(), now) {

@@ -90,7 +90,7 @@ async fn relay_opaque(
     entry: &ServicePortEntry,
 ) {
     let backend = &entry.backend;
-    let counters = ctx.stats.service(&backend.id);
+    let counters = &backend.counters;
     counters.connections.fetch_add(1, Relaxed);
     let mut avoid = Vec::new();
     for _ in 0..OPAQUE_CONNECT_TRIES {

@@ -20,7 +20,10 @@ use super::{
         ServicePortKey, Timeouts,
     },
 };
-use crate::config::{AppProtocol, Config, ServiceSpec, WhenAllEjected};
+use crate::{
+    config::{AppProtocol, Config, ServiceSpec, WhenAllEjected},
+    stats::{ServiceCounters, Stats},
+};
 
 /// Enough for a shadow a few times slower than the primary at thousands of requests a second;
 /// each copy in flight holds a connection.
@@ -35,6 +38,8 @@ pub struct ServiceBackend {
     pub balancer: Balancer,
     /// `None` when the service's budget is switched off.
     pub budget: Option<RetryBudget>,
+    /// This service port's counters, held here so requests need no lookup.
+    pub counters: Arc<ServiceCounters>,
     /// Mirrored requests in flight to this service at most.
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
     budget_settings: Option<BudgetSettings>,
@@ -118,8 +123,8 @@ pub fn default_retry_policy() -> RetryPolicy {
 
 impl Services {
     /// Builds from a validated config, keeping the run-time state of service ports that
-    /// `previous` already had.
-    pub fn build(config: &Config, previous: &Services) -> Self {
+    /// `previous` already had; counters come from `stats`.
+    pub fn build(config: &Config, previous: &Services, stats: &Stats) -> Self {
         let mut backends = HashMap::new();
         for service in &config.services {
             let endpoint_ips = endpoint_ips(config, service);
@@ -149,15 +154,21 @@ impl Services {
                         old.balancer.update(endpoints, outlier);
                         Arc::clone(old)
                     }
-                    None => Arc::new(ServiceBackend {
-                        id: format!("{}/{}:{}", key.namespace, key.name, key.port),
-                        target_port: port.target_port(),
-                        protocol: port.protocol,
-                        balancer: Balancer::new(endpoints, outlier),
-                        budget: budget_settings.clone().map(RetryBudget::new),
-                        mirror_slots: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
-                        budget_settings,
-                    }),
+                    None => {
+                        let id = format!("{}/{}:{}", key.namespace, key.name, key.port);
+                        Arc::new(ServiceBackend {
+                            counters: stats.service(&id),
+                            id,
+                            target_port: port.target_port(),
+                            protocol: port.protocol,
+                            balancer: Balancer::new(endpoints, outlier),
+                            budget: budget_settings.clone().map(RetryBudget::new),
+                            mirror_slots: Arc::new(tokio::sync::Semaphore::new(
+                                MAX_MIRRORS_IN_FLIGHT,
+                            )),
+                            budget_settings,
+                        })
+                    }
                 };
                 backends.insert(key, backend);
             }
@@ -404,7 +415,7 @@ mod tests {
 
     #[test]
     fn selectors_pick_workloads_of_the_namespace_on_any_node() {
-        let services = Services::build(&config(), &Services::default());
+        let services = Services::build(&config(), &Services::default(), &Stats::default());
         let echo = services.at("10.96.0.1:80".parse().unwrap()).unwrap();
         assert_eq!(
             endpoints(echo),
@@ -419,7 +430,7 @@ mod tests {
 
     #[test]
     fn header_rules_win_over_the_weighted_default() {
-        let services = Services::build(&config(), &Services::default());
+        let services = Services::build(&config(), &Services::default(), &Stats::default());
         let echo = services.at("10.96.0.1:80".parse().unwrap()).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("x-tenant", "blue".parse().unwrap());
@@ -445,15 +456,15 @@ mod tests {
     fn a_request_no_attached_rule_matches_finds_no_rule() {
         let mut config = config();
         config.routes[0].spec.rules.truncate(1);
-        let services = Services::build(&config, &Services::default());
+        let services = Services::build(&config, &Services::default(), &Stats::default());
         let echo = services.at("10.96.0.1:80".parse().unwrap()).unwrap();
         assert!(echo.select(&Method::GET, "/", &HeaderMap::new()).is_none());
     }
 
     #[test]
     fn a_reload_keeps_the_state_of_unchanged_service_ports() {
-        let first = Services::build(&config(), &Services::default());
-        let second = Services::build(&config(), &first);
+        let first = Services::build(&config(), &Services::default(), &Stats::default());
+        let second = Services::build(&config(), &first, &Stats::default());
         let (a, b) = (
             first.at("10.96.0.1:80".parse().unwrap()).unwrap(),
             second.at("10.96.0.1:80".parse().unwrap()).unwrap(),
@@ -461,7 +472,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a.backend, &b.backend));
         let mut changed = config();
         changed.services[0].ports[0].target_port = Some(9090);
-        let third = Services::build(&changed, &second);
+        let third = Services::build(&changed, &second, &Stats::default());
         let c = third.at("10.96.0.1:80".parse().unwrap()).unwrap();
         assert!(!Arc::ptr_eq(&b.backend, &c.backend));
         assert_eq!(endpoints(c)[0], "10.0.0.1:9090");
