@@ -116,6 +116,30 @@ pub struct AgentSettings {
     /// Request bodies up to this size are kept for replay by retries and mirroring; larger ones
     /// stream through and are never retried.
     pub retry_body_limit_bytes: usize,
+    /// The Prometheus endpoint (`/metrics`), for a scraper on the node.
+    pub metrics_addr: SocketAddr,
+    /// Metric series of a workload that is no longer in the mesh are dropped once they have not
+    /// moved for this long (bounds the series of pods that come and go).
+    pub metrics_idle_expiry_s: u64,
+    /// One JSON line per connection and per HTTP request, on stdout.
+    pub access_log: AccessLogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogSettings {
+    pub enabled: bool,
+    /// Fraction of allowed connections and requests logged; denials are always logged.
+    pub sample_rate: f64,
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sample_rate: 1.0,
+        }
+    }
 }
 
 impl Default for AgentSettings {
@@ -136,6 +160,9 @@ impl Default for AgentSettings {
             protocol_detection_timeout_ms: 100,
             opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
             retry_body_limit_bytes: 64 * 1024,
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            metrics_idle_expiry_s: 600,
+            access_log: AccessLogSettings::default(),
         }
     }
 }
@@ -151,6 +178,10 @@ impl AgentSettings {
 
     pub fn protocol_detection_timeout(&self) -> Duration {
         Duration::from_millis(self.protocol_detection_timeout_ms)
+    }
+
+    pub fn metrics_idle_expiry(&self) -> Duration {
+        Duration::from_secs(self.metrics_idle_expiry_s)
     }
 }
 
@@ -169,6 +200,10 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub inbound_mode: InboundMode,
+    /// The workload (e.g. Deployment) the pod belongs to, as metrics name it; defaults to the
+    /// pod's name.
+    #[serde(default)]
+    pub workload: Option<String>,
 }
 
 /// A meshed workload on another node.
@@ -184,6 +219,9 @@ pub struct PeerSpec {
     pub node: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// As for pods: defaults to the name.
+    #[serde(default)]
+    pub workload: Option<String>,
 }
 
 /// A service: virtual IPs and ports in front of a set of endpoints, like a Kubernetes Service.
@@ -321,6 +359,16 @@ impl PodSpec {
     pub fn id(&self) -> PodId {
         PodId::new(&self.namespace, &self.name)
     }
+
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl PeerSpec {
+    pub fn workload_name(&self) -> &str {
+        self.workload.as_deref().unwrap_or(&self.name)
+    }
 }
 
 impl Config {
@@ -392,6 +440,24 @@ impl Config {
         if agent.delivery_mark == 0 || agent.delivery_mark == agent.socket_mark {
             bail!("agent.delivery_mark must be non-zero and differ from agent.socket_mark");
         }
+        if !agent.admin_addr.ip().is_loopback() {
+            bail!(
+                "agent.admin_addr must be a loopback address (the admin endpoints change the agent and must not be reachable from pods), got {}",
+                agent.admin_addr
+            );
+        }
+        if agent.metrics_addr == agent.admin_addr {
+            bail!("agent.metrics_addr and agent.admin_addr must differ");
+        }
+        if agent.metrics_idle_expiry_s == 0 {
+            bail!("agent.metrics_idle_expiry_s must be greater than 0");
+        }
+        if !(0.0..=1.0).contains(&agent.access_log.sample_rate) {
+            bail!(
+                "agent.access_log.sample_rate must be between 0 and 1, got {}",
+                agent.access_log.sample_rate
+            );
+        }
         if !is_dns_subdomain(&agent.node_name) {
             bail!(
                 "agent.node_name {:?} is not a valid node name (DNS subdomain)",
@@ -407,6 +473,7 @@ impl Config {
         for (index, pod) in self.pods.iter().enumerate() {
             let entry = format!("pods[{index}] ({})", pod.id());
             check_workload(&entry, &pod.name, &pod.namespace, &pod.service_account)?;
+            check_workload_name(&entry, pod.workload.as_deref())?;
             if !seen_ips.insert(pod.ip) {
                 bail!("{entry}: ip {} is already used by another workload", pod.ip);
             }
@@ -429,6 +496,7 @@ impl Config {
         for (index, peer) in self.peers.iter().enumerate() {
             let entry = format!("peers[{index}] ({}/{})", peer.namespace, peer.name);
             check_workload(&entry, &peer.name, &peer.namespace, &peer.service_account)?;
+            check_workload_name(&entry, peer.workload.as_deref())?;
             if !is_dns_subdomain(&peer.node) {
                 bail!("{entry}: node {:?} is not a valid node name", peer.node);
             }
@@ -552,6 +620,15 @@ fn check_workload(entry: &str, name: &str, namespace: &str, service_account: &st
         bail!("{entry}: service_account {service_account:?} is not a valid name (DNS subdomain)");
     }
     Ok(())
+}
+
+fn check_workload_name(entry: &str, workload: Option<&str>) -> Result<()> {
+    match workload {
+        Some(name) if !is_dns_subdomain(name) => {
+            bail!("{entry}: workload {name:?} is not a valid workload name (DNS subdomain)")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Kubernetes object names: dot-separated DNS labels, at most 253 characters.

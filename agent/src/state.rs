@@ -18,6 +18,8 @@ use crate::{
 #[derive(Debug)]
 pub struct Workload {
     pub id: PodId,
+    /// The workload (owner) name metrics and logs use.
+    pub name: String,
     pub namespace: String,
     pub ip: Ipv4Addr,
     pub identity: Identity,
@@ -27,6 +29,8 @@ pub struct Workload {
 }
 
 pub struct MeshState {
+    /// The configuration this state was built from.
+    pub config: Arc<Config>,
     pub node_name: String,
     workloads: HashMap<Ipv4Addr, Arc<Workload>>,
     pub policies: PolicySet,
@@ -45,6 +49,7 @@ impl MeshState {
             for pod in &config.pods {
                 let workload = Workload {
                     id: pod.id(),
+                    name: pod.workload_name().to_owned(),
                     namespace: pod.namespace.clone(),
                     ip: pod.ip,
                     identity: Identity::new(td, &pod.namespace, &pod.service_account),
@@ -57,22 +62,29 @@ impl MeshState {
             for peer in &config.peers {
                 let workload = Workload {
                     id: PodId::new(&peer.namespace, &peer.name),
+                    name: peer.workload_name().to_owned(),
                     namespace: peer.namespace.clone(),
                     ip: peer.ip,
                     identity: Identity::new(td, &peer.namespace, &peer.service_account),
                     node: peer.node.clone(),
-                    labels: BTreeMap::new(),
+                    labels: peer.labels.clone(),
                     inbound_mode: InboundMode::default(),
                 };
                 workloads.insert(peer.ip, Arc::new(workload));
             }
         }
         Self {
+            config: Arc::new(config.clone()),
             node_name,
             workloads,
             policies: PolicySet::new(&config.policies),
             services: Services::build(config, previous, stats),
         }
+    }
+
+    /// Every meshed workload, local and on other nodes.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
     }
 
     /// The meshed workload at `ip`, on any node.
