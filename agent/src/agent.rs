@@ -17,12 +17,15 @@ use tracing::{error, info, warn};
 use weft_common::Settings;
 
 use crate::{
-    admin::{self, AdminState},
+    access_log::AccessLog,
+    admin::{self, AdminState, Readiness},
     config::{AgentSettings, Config, IdentitySettings},
     datapath::{check_cgroup2_dir, Datapath},
     enrollment::{Enrollment, EnrollmentSettings, LISTENER_LINGER},
     identity::{CertificateStore, MeshCa},
     l7::service::Services,
+    logging::LogFilter,
+    metrics,
     proxy::ProxyContext,
     state::{MeshState, SharedState},
     stats::Stats,
@@ -38,7 +41,7 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// How often certificates are checked for renewal; lifetimes are hours, or seconds in tests.
 const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
+pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("weft must run as root: it loads eBPF programs and enters pod network namespaces");
     }
@@ -63,7 +66,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         }
     };
     raise_fd_limit();
-    let admin_listener = admin::bind(settings.admin_addr).await?;
+    let admin_listener = admin::bind(settings.admin_addr, "admin").await?;
+    let metrics_listener = admin::bind(settings.metrics_addr, "metrics").await?;
 
     let datapath = Arc::new(Datapath::attach(
         &settings.cgroup_path,
@@ -76,6 +80,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     )?);
     datapath.set_exclusions(&settings.exclude_ports, &settings.exclude_cidrs)?;
     info!(cgroup = %settings.cgroup_path.display(), "eBPF programs attached");
+    let readiness = Arc::new(Readiness::default());
+    readiness.set_attached(true);
 
     let stats = Arc::new(Stats::default());
     let tunnels = certs.as_ref().map(|certs| {
@@ -104,6 +110,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         opaque_ports: settings.opaque_ports.clone(),
         retry_body_limit: settings.retry_body_limit_bytes,
         exhausted: Default::default(),
+        access_log: AccessLog::stdout(&settings.access_log),
         local_pods: Default::default(),
         connections: TaskTracker::new(),
         draining: CancellationToken::new(),
@@ -123,8 +130,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
                 .map(|(identity, certs)| (identity.trust_domain.clone(), Arc::clone(certs))),
         },
     );
-    enrollment.apply(&config).await;
-
+    // Served before the first enrollment, which may take a while: /ready says why it is not
+    // ready yet, and until the very end of shutdown, that it is draining.
     let stop_admin = CancellationToken::new();
     let admin_state = Arc::new(AdminState {
         datapath: Arc::clone(&datapath),
@@ -132,13 +139,34 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         stats,
         pods: enrollment.status(),
         certs: certs.clone(),
+        readiness: Arc::clone(&readiness),
+        log_filter,
+        graph: Arc::default(),
     });
     tokio::spawn(admin::serve(
         admin_listener,
-        admin_state,
+        Arc::clone(&admin_state),
         stop_admin.clone(),
+        admin::routes,
     ));
-    info!(admin = %settings.admin_addr, "weft is running");
+    tokio::spawn(admin::serve(
+        metrics_listener,
+        Arc::clone(&admin_state),
+        stop_admin.clone(),
+        admin::metrics_routes,
+    ));
+    {
+        let (ctx, stop) = (Arc::clone(&ctx), stop_admin.clone());
+        let idle = settings.metrics_idle_expiry();
+        tokio::spawn(async move { metrics::expire_series(&ctx, idle, stop).await });
+    }
+    {
+        let (ctx, stop) = (Arc::clone(&ctx), stop_admin.clone());
+        tokio::spawn(async move { admin_state.graph.sample_until(&ctx, stop).await });
+    }
+    enrollment.apply(&config).await;
+    readiness.set_config_applied();
+    info!(admin = %settings.admin_addr, metrics = %settings.metrics_addr, "weft is running");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -191,10 +219,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     // long enough for connects already redirected to be established, tracked and accepted.
     info!("shutting down: releasing pods, then detaching eBPF programs and draining connections");
     enrollment.release_all();
+    readiness.set_draining();
     ctx.draining.cancel();
-    stop_admin.cancel();
     tokio::time::sleep(LISTENER_LINGER).await;
     datapath.detach();
+    readiness.set_attached(false);
     ctx.connections.close();
     let drain = settings.drain_timeout();
     if tokio::time::timeout(drain, ctx.connections.wait())
@@ -210,6 +239,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         ctx.abort.cancel();
         let _ = tokio::time::timeout(ABORT_GRACE, ctx.connections.wait()).await;
     }
+    stop_admin.cancel();
     info!("stopped");
     Ok(())
 }

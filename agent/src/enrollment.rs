@@ -22,6 +22,7 @@ use crate::{
     lock,
     netns::PodNetns,
     proxy::{accept_until_stopped, serve_outbound, PodProxy, ProxyContext},
+    stats::Peer,
 };
 
 /// What the admin endpoint reports per configured pod.
@@ -206,6 +207,11 @@ impl Enrollment {
             _ => None,
         };
         let proxy = Arc::new(PodProxy {
+            peer: Peer::new(
+                spec.workload_name(),
+                &spec.namespace,
+                identity.as_ref().map(Identity::to_string),
+            ),
             id: id.clone(),
             ip: spec.ip,
             netns,

@@ -486,6 +486,9 @@ pub struct CertificateInfo {
     pub not_before: String,
     /// RFC 3339, UTC.
     pub not_after: String,
+    /// `not_after` in seconds since the Unix epoch, for metrics.
+    #[serde(skip)]
+    pub not_after_unix: u64,
     /// Certificates issued for this identity since the store first held it.
     pub issued: u64,
 }
@@ -625,6 +628,11 @@ impl CertificateStore {
                 serial: held.current.serial.clone(),
                 not_before: rfc3339(held.current.not_before),
                 not_after: rfc3339(held.current.not_after),
+                not_after_unix: held
+                    .current
+                    .not_after
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs()),
                 issued: held.issued,
             })
             .collect();
@@ -923,7 +931,7 @@ fn offset_date_time(unix_secs: u64) -> Result<time::OffsetDateTime> {
         .with_context(|| format!("time {unix_secs} is out of range"))
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     match t.duration_since(UNIX_EPOCH) {
         Ok(since) => rfc3339_unix(since.as_secs()),
         Err(_) => "before 1970".to_owned(),
@@ -1356,6 +1364,7 @@ mod tests {
                 serial: cert.serial.clone(),
                 not_before: rfc3339(cert.not_before),
                 not_after: rfc3339(cert.not_after),
+                not_after_unix: cert.not_after.duration_since(UNIX_EPOCH).unwrap().as_secs(),
                 issued: 1,
             })
         );

@@ -5,10 +5,10 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::{
+    access_log::{AccessEntry, Party, Policy},
     config::{InboundMode, PodId},
     identity::{peer_identity, Identity},
     l7::{
@@ -32,13 +33,15 @@ use crate::{
     policy::{Decision, Request as PolicyRequest},
     proxy::{connect_within, copy_metered, splice_metered, PodProxy, ProxyContext},
     state::{MeshState, Workload},
-    stats::InboundCounters,
+    stats::{ByteMeter, Flow, InboundCounters, InboundFlowKey, Peer, Reporter, Transport, UNKNOWN},
     tunnel::{
         TunnelStream, APP_PROTOCOL, CONNECTION_WINDOW_BYTES, FORWARDED, MAX_FRAME_BYTES,
         MAX_HEADER_LIST_BYTES, STREAM_WINDOW_BYTES, TLS_READ_BUFFER_BYTES, TLS_WRITE_BUFFER_BYTES,
     },
 };
 
+/// What the access log names as the rule refusing plaintext to a STRICT workload.
+const STRICT_REFUSAL: &str = "inbound_mode: STRICT";
 /// A client that opens TCP but never finishes its TLS hello must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Far above what 1,000 concurrent connections between two identities need.
@@ -142,7 +145,7 @@ async fn serve_stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
-    let (workload, counters, mut app) = match open_stream(ctx, client, peer, &request).await {
+    let (arrival, mut app) = match open_stream(ctx, client, peer, &request).await {
         Ok(opened) => opened,
         Err(status) => {
             let _ = respond.send_response(status_response(status), true);
@@ -152,7 +155,7 @@ async fn serve_stream(
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(err) => {
-            debug!(pod = %workload.id, error = %err, "tunnel stream closed before it opened");
+            debug!(pod = %arrival.workload.id, error = %err, "tunnel stream closed before it opened");
             let _ = app.set_zero_linger();
             return;
         }
@@ -161,10 +164,10 @@ async fn serve_stream(
     let mut stream = TunnelStream::new(send, request.into_body());
     if let Some(protocol) = app_protocol {
         let http2 = protocol == HTTP2;
+        let pod = arrival.workload.id.clone();
         let served = l7::deliver::serve(
             Arc::clone(ctx),
-            workload.id.clone(),
-            counters,
+            arrival,
             stream.into_io(),
             app,
             http2,
@@ -172,32 +175,116 @@ async fn serve_stream(
         )
         .await;
         if let Err(err) = served {
-            debug!(pod = %workload.id, error = %err, "HTTP stream ended with an error");
+            debug!(%pod, error = %err, "HTTP stream ended with an error");
         }
         return;
     }
+    let flow = arrival.flow(ctx);
+    flow.opened.fetch_add(1, Relaxed);
+    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = splice_metered(
         ctx,
         &mut app,
         &mut stream,
-        &counters.bytes_from_app,
-        &counters.bytes_to_app,
+        ByteMeter {
+            flow: &flow.bytes_received,
+            connection: &received,
+        },
+        ByteMeter {
+            flow: &flow.bytes_sent,
+            connection: &sent,
+        },
     )
     .await;
+    flow.closed.fetch_add(1, Relaxed);
     if let Err(err) = result {
-        debug!(pod = %workload.id, error = %err, "inbound connection ended with an error");
+        debug!(pod = %arrival.workload.id, error = %err, "inbound connection ended with an error");
         let _ = app.set_zero_linger();
+    }
+    arrival.log(ctx, sent.load(Relaxed), received.load(Relaxed), "-");
+}
+
+/// A connection or stream arriving at a local workload, as checked.
+pub struct Arrival {
+    pub workload: Arc<Workload>,
+    pub counters: Arc<InboundCounters>,
+    /// Who is calling, as far as the agent can tell.
+    pub source: Peer,
+    pub source_address: Option<SocketAddr>,
+    /// Where the client was going: the workload's address and port.
+    pub target: SocketAddrV4,
+    pub transport: Transport,
+    pub started: Instant,
+    pub start_time: SystemTime,
+}
+
+impl Arrival {
+    /// The access-log line of an L4 connection that arrived: `sent` bytes from the client,
+    /// `received` from the app.
+    fn log(&self, ctx: &ProxyContext, sent: u64, received: u64, flags: &'static str) {
+        if !ctx.access_log.wants(false) {
+            return;
+        }
+        let mut entry = AccessEntry::connection(
+            Reporter::Destination,
+            Party::of(&self.source, self.source_address),
+            Party::of(&self.workload.peer, Some(SocketAddr::V4(self.target))),
+            self.transport,
+            self.start_time,
+            self.started.elapsed(),
+        );
+        entry.destination_service = ctx.state.get().services.serving(self.target).cloned();
+        entry.bytes_received = sent;
+        entry.bytes_sent = received;
+        entry.response_flags = flags;
+        ctx.access_log.log(entry);
+    }
+
+    /// A connection refused by `policy`: counted, and always logged (auditors want every one).
+    fn refuse(&self, ctx: &ProxyContext, policy: &str) {
+        self.counters.denied.fetch_add(1, Relaxed);
+        ctx.stats.count_denial(&self.workload.peer, policy);
+        self.audit_refusal(ctx, policy);
+    }
+
+    fn audit_refusal(&self, ctx: &ProxyContext, policy: &str) {
+        if !ctx.access_log.wants(true) {
+            return;
+        }
+        let mut entry = AccessEntry::connection(
+            Reporter::Destination,
+            Party::of(&self.source, self.source_address),
+            Party::of(&self.workload.peer, Some(SocketAddr::V4(self.target))),
+            self.transport,
+            self.start_time,
+            self.started.elapsed(),
+        );
+        entry.policy = Policy::denied(policy);
+        ctx.access_log.log(entry);
+    }
+
+    /// The counters of L4 connections from this source to the workload.
+    pub fn flow(&self, ctx: &ProxyContext) -> Arc<Flow> {
+        let key = InboundFlowKey {
+            pod: self.workload.id.clone(),
+            source: self.source.clone(),
+            transport: self.transport,
+        };
+        ctx.stats.inbound_flow(&key, &self.workload.peer, || {
+            ctx.state.get().services.serving(self.target).cloned()
+        })
     }
 }
 
-/// Checks a CONNECT stream and connects to its app: the workload, its counters and the app
-/// connection, or the status to refuse the stream with.
+/// Checks a CONNECT stream and connects to its app: who arrived and the app connection, or the
+/// status to refuse the stream with.
 async fn open_stream(
     ctx: &ProxyContext,
     client: &Identity,
     peer: SocketAddr,
     request: &Request<RecvStream>,
-) -> Result<(Arc<Workload>, Arc<InboundCounters>, TcpStream), StatusCode> {
+) -> Result<(Arrival, TcpStream), StatusCode> {
+    let (started, start_time) = (Instant::now(), SystemTime::now());
     let state = ctx.state.get();
     let (workload, target, source) = match check_stream(ctx, &state, client, request) {
         Ok(checked) => checked,
@@ -207,7 +294,22 @@ async fn open_stream(
             return Err(status);
         }
     };
-    let counters = ctx.stats.inbound(&workload.id);
+    // The client's agent names the pod it speaks for; without that, the identity is all.
+    let source_peer = match source.and_then(|s| state.workload(*s.ip())) {
+        Some(source) => source.peer.clone(),
+        None => Peer::new(UNKNOWN, client.namespace(), Some(client.to_string())),
+    };
+    let arrival = Arrival {
+        counters: ctx.stats.inbound(&workload.id),
+        source: source_peer,
+        source_address: Some(source.map_or(peer, SocketAddr::V4)),
+        target,
+        transport: Transport::Mtls,
+        started,
+        start_time,
+        workload,
+    };
+    let workload = &arrival.workload;
     if let Decision::Deny { policy } = state.policies.evaluate(&PolicyRequest {
         source_principal: Some(&client.to_string()),
         source_namespace: Some(client.namespace()),
@@ -215,8 +317,8 @@ async fn open_stream(
         destination_labels: &workload.labels,
         destination_port: target.port(),
     }) {
-        counters.denied.fetch_add(1, Relaxed);
         warn!(source = %client, destination = %workload.identity, pod = %workload.id, port = target.port(), policy, "connection denied by policy");
+        arrival.refuse(ctx, &policy);
         return Err(StatusCode::FORBIDDEN);
     }
     let Some(pod) = ctx.local_pod(target.ip()) else {
@@ -226,12 +328,14 @@ async fn open_stream(
     };
     match deliver(ctx, &pod, source, target).await {
         Ok(app) => {
-            counters.mtls.fetch_add(1, Relaxed);
-            Ok((workload, counters, app))
+            arrival.counters.mtls.fetch_add(1, Relaxed);
+            Ok((arrival, app))
         }
         Err(err) => {
-            counters.failed.fetch_add(1, Relaxed);
-            info!(pod = %workload.id, %target, %client, error = %err, "cannot reach the app");
+            arrival.counters.failed.fetch_add(1, Relaxed);
+            arrival.flow(ctx).failed.fetch_add(1, Relaxed);
+            info!(pod = %arrival.workload.id, %target, %client, error = %err, "cannot reach the app");
+            arrival.log(ctx, 0, 0, "UF");
             Err(StatusCode::SERVICE_UNAVAILABLE)
         }
     }
@@ -335,10 +439,26 @@ async fn serve_plaintext(
         let _ = client.set_zero_linger();
         return;
     };
-    let counters = ctx.stats.inbound(&workload.id);
+    // Plaintext proves no identity: the source is named by its address only.
+    let source = Peer {
+        principal: UNKNOWN.into(),
+        ..state.peer_at(*peer.ip())
+    };
+    let arrival = Arrival {
+        counters: ctx.stats.inbound(&workload.id),
+        workload,
+        source,
+        source_address: Some(SocketAddr::V4(peer)),
+        target,
+        transport: Transport::Plaintext,
+        started: Instant::now(),
+        start_time: SystemTime::now(),
+    };
+    let workload = &arrival.workload;
     if workload.inbound_mode == InboundMode::Strict {
-        counters.plaintext_rejected.fetch_add(1, Relaxed);
+        arrival.counters.plaintext_rejected.fetch_add(1, Relaxed);
         info!(pod = %workload.id, client = %peer, port = target.port(), "plaintext connection rejected (STRICT)");
+        arrival.audit_refusal(ctx, STRICT_REFUSAL);
         let _ = client.set_zero_linger();
         return;
     }
@@ -349,63 +469,82 @@ async fn serve_plaintext(
         destination_labels: &workload.labels,
         destination_port: target.port(),
     }) {
-        counters.denied.fetch_add(1, Relaxed);
         warn!(source = "plaintext", client = %peer, destination = %workload.identity, pod = %workload.id, port = target.port(), policy, "connection denied by policy");
+        arrival.refuse(ctx, &policy);
         let _ = client.set_zero_linger();
         return;
     }
     let app = match deliver(ctx, pod, Some(peer), target).await {
         Ok(app) => app,
         Err(err) => {
-            counters.failed.fetch_add(1, Relaxed);
-            info!(pod = %workload.id, %target, client = %peer, error = %err, "cannot reach the app");
+            arrival.counters.failed.fetch_add(1, Relaxed);
+            arrival.flow(ctx).failed.fetch_add(1, Relaxed);
+            info!(pod = %arrival.workload.id, %target, client = %peer, error = %err, "cannot reach the app");
+            arrival.log(ctx, 0, 0, "UF");
             let _ = client.set_zero_linger();
             return;
         }
     };
-    counters.plaintext.fetch_add(1, Relaxed);
+    arrival.counters.plaintext.fetch_add(1, Relaxed);
     let mut client = client;
     let mut app = app;
+    let mut prefix = Bytes::new();
     // HTTP from outside the mesh is served request by request too (deadlines checked on
     // arrival); anything else is relayed as bytes, starting with what detection read.
     if !ctx.opaque_ports.contains(&target.port()) {
-        let detected = detect(&mut client, ctx.protocol_detection_timeout).await;
-        let prefix = match detected {
-            Ok((Protocol::Opaque, prefix)) => prefix,
-            Ok((protocol, prefix)) => {
+        match detect(&mut client, ctx.protocol_detection_timeout).await {
+            Ok((Protocol::Opaque, read)) => prefix = read,
+            Ok((protocol, read)) => {
+                let pod_id = arrival.workload.id.clone();
                 let served = l7::deliver::serve(
                     Arc::clone(ctx),
-                    workload.id.clone(),
-                    counters,
-                    Prefixed::new(prefix, client),
+                    arrival,
+                    Prefixed::new(read, client),
                     app,
                     protocol == Protocol::Http2,
                     true,
                 )
                 .await;
                 if let Err(err) = served {
-                    debug!(pod = %workload.id, error = %err, "plaintext HTTP connection ended with an error");
+                    debug!(pod = %pod_id, error = %err, "plaintext HTTP connection ended with an error");
                 }
                 return;
             }
             Err(err) => {
-                debug!(pod = %workload.id, error = %err, "plaintext connection failed during protocol detection");
+                debug!(pod = %arrival.workload.id, error = %err, "plaintext connection failed during protocol detection");
                 let _ = app.set_zero_linger();
                 return;
             }
-        };
-        counters
-            .bytes_to_app
-            .fetch_add(prefix.len() as u64, Relaxed);
-        if let Err(err) = app.write_all(&prefix).await {
-            debug!(pod = %workload.id, error = %err, "the app closed before the first bytes");
-            let _ = client.set_zero_linger();
-            return;
         }
     }
-    if !splice(ctx, &counters, &mut client, app, &workload.id).await {
+    let flow = arrival.flow(ctx);
+    flow.opened.fetch_add(1, Relaxed);
+    flow.bytes_sent.fetch_add(prefix.len() as u64, Relaxed);
+    let (sent, received) = (AtomicU64::new(prefix.len() as u64), AtomicU64::new(0));
+    let relayed = match app.write_all(&prefix).await {
+        Ok(()) => {
+            let meters = (
+                ByteMeter {
+                    flow: &flow.bytes_sent,
+                    connection: &sent,
+                },
+                ByteMeter {
+                    flow: &flow.bytes_received,
+                    connection: &received,
+                },
+            );
+            splice(ctx, meters, &mut client, app, &arrival.workload.id).await
+        }
+        Err(err) => {
+            debug!(pod = %arrival.workload.id, error = %err, "the app closed before the first bytes");
+            false
+        }
+    };
+    flow.closed.fetch_add(1, Relaxed);
+    if !relayed {
         let _ = client.set_zero_linger();
     }
+    arrival.log(ctx, sent.load(Relaxed), received.load(Relaxed), "-");
 }
 
 /// Connects to the app from inside its pod, from the client's address when the pod's routing
@@ -441,19 +580,12 @@ async fn deliver(
 /// the app connection has been reset and the caller resets the client side.
 async fn splice(
     ctx: &ProxyContext,
-    counters: &InboundCounters,
+    (from_client, from_app): (ByteMeter<'_>, ByteMeter<'_>),
     client: &mut TcpStream,
     mut app: TcpStream,
     pod: &PodId,
 ) -> bool {
-    let result = copy_metered(
-        ctx,
-        client,
-        &mut app,
-        &counters.bytes_to_app,
-        &counters.bytes_from_app,
-    )
-    .await;
+    let result = copy_metered(ctx, client, &mut app, from_client, from_app).await;
     match result {
         Ok(_) => true,
         Err(err) => {

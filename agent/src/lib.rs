@@ -8,14 +8,18 @@
 //! peer's identity and `policy`, and connects to the app from the client's address; plaintext
 //! arriving at the pod is steered there by `datapath`'s sk_lookup program).
 //! `stats` counts it all, `agent` wires it together, `admin` shows the counters.
+pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod enrollment;
+pub mod graph;
 pub mod identity;
 pub mod inbound;
 pub mod l7;
+pub mod logging;
+pub mod metrics;
 pub mod netns;
 pub mod policy;
 pub mod proxy;

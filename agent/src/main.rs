@@ -1,8 +1,7 @@
-use std::{io::IsTerminal, path::PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// weft: an eBPF-accelerated, node-level service-mesh agent.
 #[derive(Parser)]
@@ -28,14 +27,7 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: logs collected from files stay plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let log_filter = weft::logging::init();
     match cli.command {
         Command::Run { config } => {
             return_large_frees_to_the_os();
@@ -46,7 +38,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(weft::agent::run(config))
+                .block_on(weft::agent::run(config, log_filter))
         }
         Command::CheckConfig { path } => {
             let config = weft::config::Config::load(&path)?;

@@ -13,7 +13,7 @@ use std::{
         Arc, RwLock,
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -25,13 +25,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
+    access_log::{AccessEntry, AccessLog, Party},
     config::PodId,
     datapath::Datapath,
     identity::Identity,
     l7::{pool::ConnectionPool, trace::ExhaustedTraces},
     netns::PodNetns,
     state::SharedState,
-    stats::{FlowCounters, Stats, Transport},
+    stats::{ByteMeter, Flow, FlowKey, Peer, Reporter, Stats, Transport},
     tunnel::{TunnelPool, TunnelStream},
 };
 
@@ -56,6 +57,8 @@ pub struct ProxyContext {
     pub retry_body_limit: usize,
     /// Traces whose requests this agent gave up retrying.
     pub exhausted: ExhaustedTraces,
+    /// One line per connection and request.
+    pub access_log: AccessLog,
     /// Enrolled pods by IP, for delivering inbound streams.
     pub local_pods: RwLock<HashMap<Ipv4Addr, Arc<PodProxy>>>,
     /// Tracks open connections so shutdown can drain them.
@@ -75,6 +78,8 @@ impl ProxyContext {
 
 pub struct PodProxy {
     pub id: PodId,
+    /// How metrics and logs name the pod as a client.
+    pub peer: Peer,
     pub ip: Ipv4Addr,
     pub netns: PodNetns,
     /// The pod's workload identity, when identities are configured.
@@ -143,21 +148,20 @@ pub async fn serve_outbound(
     let _ = client.set_nodelay(true);
     match open_upstream(&ctx, &pod, destination, None).await {
         Ok((upstream, transport)) => {
-            relay(
-                &ctx,
-                &pod,
-                client,
-                destination,
-                upstream,
+            let to = Destination {
+                address: destination,
                 transport,
-                Bytes::new(),
-            )
-            .await;
+                service: None,
+            };
+            relay(&ctx, &pod, client, &to, upstream, Bytes::new()).await;
         }
         Err(err) => {
-            let flow = ctx.stats.flow(&pod.id, destination, err.transport);
-            flow.opened.fetch_add(1, Relaxed);
-            refuse(&pod, destination, &flow, &client, err.reason);
+            let to = Destination {
+                address: destination,
+                transport: err.transport,
+                service: None,
+            };
+            refuse(&ctx, &pod, &to, &client, err.reason);
         }
     }
 }
@@ -218,91 +222,158 @@ pub async fn open_upstream(
         })
 }
 
+/// Where an outbound connection went: the address (an endpoint, for a service), how, and the
+/// service (`name.namespace.svc.cluster.local`) the pod asked for, if any.
+pub struct Destination<'a> {
+    pub address: SocketAddrV4,
+    pub transport: Transport,
+    pub service: Option<&'a Arc<str>>,
+}
+
+/// The counters of connections from `pod` to `to`.
+pub fn outbound_flow(ctx: &ProxyContext, pod: &PodProxy, to: &Destination) -> Arc<Flow> {
+    let key = FlowKey {
+        pod: pod.id.clone(),
+        destination: to.address,
+        transport: to.transport,
+        service: to.service.cloned(),
+    };
+    ctx.stats.flow(&key, || {
+        let state = ctx.state.get();
+        let destination = state.peer_at(*to.address.ip());
+        let service = to
+            .service
+            .or_else(|| state.services.serving(to.address))
+            .cloned();
+        (pod.peer.clone(), destination, service)
+    })
+}
+
+/// How a connection from `pod` to the workload at `ip` travels: through a tunnel when both are
+/// in the mesh.
+pub fn transport_to(ctx: &ProxyContext, pod: &PodProxy, ip: Ipv4Addr) -> Transport {
+    let meshed =
+        ctx.tunnels.is_some() && pod.identity.is_some() && ctx.state.get().workload(ip).is_some();
+    if meshed {
+        Transport::Mtls
+    } else {
+        Transport::Plaintext
+    }
+}
+
 /// Relays between `client` and an opened upstream until both sides are done, first sending
 /// `prefix` (bytes already read from the client), counting it all under (pod, destination).
 pub async fn relay(
     ctx: &ProxyContext,
     pod: &PodProxy,
     mut client: TcpStream,
-    destination: SocketAddrV4,
+    to: &Destination<'_>,
     upstream: Upstream,
-    transport: Transport,
     prefix: Bytes,
 ) {
-    let flow = ctx.stats.flow(&pod.id, destination, transport);
+    let destination = to.address;
+    let flow = outbound_flow(ctx, pod, to);
+    let started = (Instant::now(), SystemTime::now());
     flow.opened.fetch_add(1, Relaxed);
     flow.bytes_sent.fetch_add(prefix.len() as u64, Relaxed);
-    match upstream {
-        Upstream::Tunnel(mut stream) => {
-            let result = match stream.send_prefix(prefix) {
-                Ok(()) => {
-                    splice_metered(
-                        ctx,
-                        &mut client,
-                        &mut stream,
-                        &flow.bytes_sent,
-                        &flow.bytes_received,
-                    )
-                    .await
-                }
-                Err(err) => Err(err),
-            };
-            finish(pod, destination, &flow, &client, result);
-        }
+    let (sent, received) = (AtomicU64::new(prefix.len() as u64), AtomicU64::new(0));
+    let (from_client, from_upstream) = (
+        ByteMeter {
+            flow: &flow.bytes_sent,
+            connection: &sent,
+        },
+        ByteMeter {
+            flow: &flow.bytes_received,
+            connection: &received,
+        },
+    );
+    let result = match upstream {
+        Upstream::Tunnel(mut stream) => match stream.send_prefix(prefix) {
+            Ok(()) => {
+                splice_metered(ctx, &mut client, &mut stream, from_client, from_upstream).await
+            }
+            Err(err) => Err(err),
+        },
         Upstream::Tcp(mut upstream) => {
             let result = match upstream.write_all(&prefix).await {
                 Ok(()) => {
-                    copy_metered(
-                        ctx,
-                        &mut client,
-                        &mut upstream,
-                        &flow.bytes_sent,
-                        &flow.bytes_received,
-                    )
-                    .await
+                    copy_metered(ctx, &mut client, &mut upstream, from_client, from_upstream).await
                 }
                 Err(err) => Err(err),
             };
-            if !finish(pod, destination, &flow, &client, result) {
+            if result.is_err() {
                 let _ = upstream.set_zero_linger();
             }
+            result
         }
+    };
+    finish(pod, destination, &flow, &client, result);
+    if ctx.access_log.wants(false) {
+        let mut entry = connection_entry(pod, &client, &flow, destination, started);
+        entry.bytes_received = sent.load(Relaxed);
+        entry.bytes_sent = received.load(Relaxed);
+        ctx.access_log.log(entry);
     }
 }
 
-/// Records how a relayed connection ended. False when it ended with an error: the client is
-/// reset, as the caller must reset the other side, so an abort is not passed on as a clean end.
+/// The access-log line of an outbound connection from `pod` through `flow`.
+fn connection_entry(
+    pod: &PodProxy,
+    client: &TcpStream,
+    flow: &Flow,
+    destination: SocketAddrV4,
+    (started, start_time): (Instant, SystemTime),
+) -> AccessEntry {
+    let mut entry = AccessEntry::connection(
+        Reporter::Source,
+        Party::of(&pod.peer, client.peer_addr().ok()),
+        Party::of(&flow.destination, Some(SocketAddr::V4(destination))),
+        flow.transport,
+        start_time,
+        started.elapsed(),
+    );
+    entry.destination_service = flow.service.clone();
+    entry
+}
+
+/// Records how a relayed connection ended. When it ended with an error, the client is reset
+/// (the caller has reset the other side), so an abort is not passed on as a clean end.
 fn finish(
     pod: &PodProxy,
     destination: SocketAddrV4,
-    flow: &FlowCounters,
+    flow: &Flow,
     client: &TcpStream,
     result: io::Result<(u64, u64)>,
-) -> bool {
+) {
     flow.closed.fetch_add(1, Relaxed);
     match result {
         Ok((sent, received)) => {
             debug!(pod = %pod.id, %destination, sent, received, "connection closed");
-            true
         }
         Err(err) => {
             info!(pod = %pod.id, %destination, error = %err, "connection ended with an error");
             let _ = client.set_zero_linger();
-            false
         }
     }
 }
 
 /// The destination could not be reached: a reset tells the client, as a direct connect would.
-fn refuse(
+pub fn refuse(
+    ctx: &ProxyContext,
     pod: &PodProxy,
-    destination: SocketAddrV4,
-    flow: &FlowCounters,
+    to: &Destination,
     client: &TcpStream,
     error: String,
 ) {
+    let started = (Instant::now(), SystemTime::now());
+    let flow = outbound_flow(ctx, pod, to);
     flow.failed.fetch_add(1, Relaxed);
-    warn!(pod = %pod.id, %destination, error, "upstream connect failed");
+    warn!(pod = %pod.id, destination = %to.address, error, "upstream connect failed");
+    if ctx.access_log.wants(false) {
+        let mut entry = connection_entry(pod, client, &flow, to.address, started);
+        entry.response_flags = "UF";
+        ctx.access_log.log(entry);
+    }
     let _ = client.set_zero_linger();
 }
 
@@ -312,8 +383,8 @@ pub async fn copy_metered<A, B>(
     ctx: &ProxyContext,
     a: &mut A,
     b: &mut B,
-    read_from_a: &AtomicU64,
-    read_from_b: &AtomicU64,
+    read_from_a: ByteMeter<'_>,
+    read_from_b: ByteMeter<'_>,
 ) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -321,11 +392,11 @@ where
 {
     let mut a = Metered {
         inner: a,
-        bytes_read: read_from_a,
+        meter: read_from_a,
     };
     let mut b = Metered {
         inner: b,
-        bytes_read: read_from_b,
+        meter: read_from_b,
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut a,
@@ -345,8 +416,8 @@ pub async fn splice_metered(
     ctx: &ProxyContext,
     tcp: &mut TcpStream,
     stream: &mut TunnelStream,
-    read_from_tcp: &AtomicU64,
-    read_from_stream: &AtomicU64,
+    read_from_tcp: ByteMeter<'_>,
+    read_from_stream: ByteMeter<'_>,
 ) -> io::Result<(u64, u64)> {
     let spliced = tokio::select! {
         biased;
@@ -387,10 +458,10 @@ pub async fn connect_within(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// Counts the bytes read through a stream into a shared counter as they flow.
+/// Counts the bytes read through a stream as they flow.
 struct Metered<'a, S> {
     inner: S,
-    bytes_read: &'a AtomicU64,
+    meter: ByteMeter<'a>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
@@ -401,8 +472,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.bytes_read
-            .fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        self.meter.add((buf.filled().len() - before) as u64);
         poll
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     identity::Identity,
     l7::service::Services,
     policy::PolicySet,
-    stats::Stats,
+    stats::{Peer, Stats},
 };
 
 #[derive(Debug)]
@@ -26,6 +26,8 @@ pub struct Workload {
     pub node: String,
     pub labels: BTreeMap<String, String>,
     pub inbound_mode: InboundMode,
+    /// How metrics and logs name it.
+    pub peer: Peer,
 }
 
 pub struct MeshState {
@@ -47,12 +49,18 @@ impl MeshState {
         if let Some(identity) = &config.identity {
             let td = &identity.trust_domain;
             for pod in &config.pods {
+                let identity = Identity::new(td, &pod.namespace, &pod.service_account);
                 let workload = Workload {
+                    peer: Peer::new(
+                        pod.workload_name(),
+                        &pod.namespace,
+                        Some(identity.to_string()),
+                    ),
                     id: pod.id(),
                     name: pod.workload_name().to_owned(),
                     namespace: pod.namespace.clone(),
                     ip: pod.ip,
-                    identity: Identity::new(td, &pod.namespace, &pod.service_account),
+                    identity,
                     node: node_name.clone(),
                     labels: pod.labels.clone(),
                     inbound_mode: pod.inbound_mode,
@@ -60,12 +68,18 @@ impl MeshState {
                 workloads.insert(pod.ip, Arc::new(workload));
             }
             for peer in &config.peers {
+                let identity = Identity::new(td, &peer.namespace, &peer.service_account);
                 let workload = Workload {
+                    peer: Peer::new(
+                        peer.workload_name(),
+                        &peer.namespace,
+                        Some(identity.to_string()),
+                    ),
                     id: PodId::new(&peer.namespace, &peer.name),
                     name: peer.workload_name().to_owned(),
                     namespace: peer.namespace.clone(),
                     ip: peer.ip,
-                    identity: Identity::new(td, &peer.namespace, &peer.service_account),
+                    identity,
                     node: peer.node.clone(),
                     labels: peer.labels.clone(),
                     inbound_mode: InboundMode::default(),
@@ -90,6 +104,13 @@ impl MeshState {
     /// The meshed workload at `ip`, on any node.
     pub fn workload(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.workloads.get(&ip)
+    }
+
+    /// How metrics name whoever is at `ip`: its workload, or `unknown` outside the mesh.
+    pub fn peer_at(&self, ip: Ipv4Addr) -> Peer {
+        self.workload(ip)
+            .map(|w| w.peer.clone())
+            .unwrap_or_else(Peer::unknown)
     }
 
     /// The meshed workload at `ip` if it runs on this node.

@@ -1,31 +1,129 @@
-//! In-memory L4 counters: outbound per (source pod, original destination, transport), inbound per
-//! destination pod, and the tunnels' own. Counters are shared with the connection tasks and move
-//! while a connection is open, not only when it closes.
+//! In-memory counters: connections and bytes per (source pod, original destination,
+//! transport) and per (source, destination pod) on arrival, HTTP requests per label set, each
+//! service port's and the tunnels' own. Counters are shared with the connection tasks and move
+//! while a connection is open, not only when it closes. `metrics` renders them for Prometheus.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::Hash,
     net::SocketAddrV4,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
-use crate::{config::PodId, lock};
+use crate::{
+    config::{PodId, PodSpec},
+    lock,
+    state::MeshState,
+};
 
+/// The value of a label nobody knows, as Istio writes it.
+pub const UNKNOWN: &str = "unknown";
+
+/// One end of a connection or request, as metrics and the access log name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The workload (owner) name.
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+    /// The SPIFFE identity, when the mesh knows it.
+    pub principal: Arc<str>,
+}
+
+impl Peer {
+    pub fn new(workload: &str, namespace: &str, principal: Option<String>) -> Self {
+        Self {
+            workload: workload.into(),
+            namespace: namespace.into(),
+            principal: principal.as_deref().unwrap_or(UNKNOWN).into(),
+        }
+    }
+
+    /// A peer outside the mesh (or one the agent cannot name).
+    pub fn unknown() -> Self {
+        Self::new(UNKNOWN, UNKNOWN, None)
+    }
+
+    pub fn is_unknown(&self) -> bool {
+        &*self.workload == UNKNOWN
+    }
+
+    /// `namespace/workload`, or `unknown`.
+    pub fn id(&self) -> String {
+        if self.is_unknown() {
+            UNKNOWN.to_owned()
+        } else {
+            format!("{}/{}", self.namespace, self.workload)
+        }
+    }
+}
+
+/// Connections between one client and one destination.
 #[derive(Default)]
 pub struct FlowCounters {
+    /// Connections relayed (established upstream).
     pub opened: AtomicU64,
+    /// Relayed connections that have ended.
     pub closed: AtomicU64,
+    /// Connections whose destination could not be reached.
     pub failed: AtomicU64,
-    /// Bytes from the pod towards the destination.
+    /// Bytes from the client towards the destination.
     pub bytes_sent: AtomicU64,
-    /// Bytes from the destination back to the pod.
+    /// Bytes from the destination back to the client.
     pub bytes_received: AtomicU64,
 }
 
-/// How an outbound connection left the pod.
+impl FlowCounters {
+    fn activity(&self) -> (u64, bool) {
+        let opened = self.opened.load(Relaxed);
+        let closed = self.closed.load(Relaxed);
+        let total = opened
+            + closed
+            + self.failed.load(Relaxed)
+            + self.bytes_sent.load(Relaxed)
+            + self.bytes_received.load(Relaxed);
+        (total, opened > closed)
+    }
+}
+
+/// Counts the bytes read from one side of a connection twice: into its flow's total, which
+/// moves while the connection is open, and into the connection's own count, for its log line.
+#[derive(Clone, Copy)]
+pub struct ByteMeter<'a> {
+    pub flow: &'a AtomicU64,
+    pub connection: &'a AtomicU64,
+}
+
+impl ByteMeter<'_> {
+    pub fn add(&self, bytes: u64) {
+        self.flow.fetch_add(bytes, Relaxed);
+        self.connection.fetch_add(bytes, Relaxed);
+    }
+}
+
+/// A flow's counters and the labels of its two ends, fixed when the flow is first seen.
+pub struct Flow {
+    pub counters: FlowCounters,
+    pub source: Peer,
+    pub destination: Peer,
+    /// `name.namespace.svc.cluster.local` of the service the client asked for, or else the one
+    /// the destination serves, if any.
+    pub service: Option<Arc<str>>,
+    pub transport: Transport,
+}
+
+impl std::ops::Deref for Flow {
+    type Target = FlowCounters;
+    fn deref(&self) -> &FlowCounters {
+        &self.counters
+    }
+}
+
+/// How a connection travelled between the nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
@@ -35,11 +133,245 @@ pub enum Transport {
     Plaintext,
 }
 
+impl Transport {
+    /// Istio's `connection_security_policy` label.
+    pub fn security_policy(self) -> &'static str {
+        match self {
+            Self::Mtls => "mutual_tls",
+            Self::Plaintext => "none",
+        }
+    }
+}
+
+/// Which agent counted: the client's (`source`) or the server's (`destination`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+/// The labels of one HTTP request series.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    pub service: Arc<str>,
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    pub response_code: u16,
+    /// Envoy-style response flags (see `metrics`), `-` when none.
+    pub response_flags: &'static str,
+    pub transport: Transport,
+}
+
+/// Bucket bounds of request durations (ms), as Istio's.
+pub const DURATION_BUCKETS_MS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Bucket bounds of request and response sizes (bytes), as Istio's.
+pub const SIZE_BUCKETS_BYTES: &[f64] = &[
+    1.0,
+    10.0,
+    100.0,
+    1000.0,
+    10000.0,
+    100000.0,
+    1000000.0,
+    10000000.0,
+    100000000.0,
+];
+
+/// A histogram of fixed buckets; the sum is kept in integer `unit`s so it stays exact.
+pub struct Histogram {
+    pub bounds: &'static [f64],
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    counts: Box<[AtomicU64]>,
+    sum_units: AtomicU64,
+    /// Units per observed value: 1000 for milliseconds kept in microseconds, 1 for bytes.
+    units_per_value: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64], units_per_value: f64) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_units: AtomicU64::new(0),
+            units_per_value,
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        let bucket = self.bounds.partition_point(|bound| *bound < value);
+        self.counts[bucket].fetch_add(1, Relaxed);
+        self.sum_units
+            .fetch_add((value * self.units_per_value).round() as u64, Relaxed);
+    }
+
+    /// Cumulative counts per bound (the last entry is the total), and the sum.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut total = 0;
+        let cumulative = self
+            .counts
+            .iter()
+            .map(|count| {
+                total += count.load(Relaxed);
+                total
+            })
+            .collect();
+        let sum = self.sum_units.load(Relaxed) as f64 / self.units_per_value;
+        (cumulative, sum)
+    }
+}
+
+/// One HTTP request series: its count, durations and body sizes.
+pub struct RequestSeries {
+    pub requests: AtomicU64,
+    pub duration_ms: Histogram,
+    pub request_bytes: Histogram,
+    pub response_bytes: Histogram,
+}
+
+impl Default for RequestSeries {
+    fn default() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            duration_ms: Histogram::new(DURATION_BUCKETS_MS, 1000.0),
+            request_bytes: Histogram::new(SIZE_BUCKETS_BYTES, 1.0),
+            response_bytes: Histogram::new(SIZE_BUCKETS_BYTES, 1.0),
+        }
+    }
+}
+
+impl RequestSeries {
+    pub fn record(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.fetch_add(1, Relaxed);
+        self.duration_ms.observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
+/// Connections a policy refused, per destination workload and policy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DenialKey {
+    pub destination: Peer,
+    pub policy: Arc<str>,
+}
+
+/// Series that came and went: each entry remembers when its counters last moved, so series
+/// of workloads that left can be dropped once quiet (see [`Stats::expire`]).
+pub struct SeriesMap<K, V> {
+    entries: Mutex<HashMap<K, Entry<V>>>,
+}
+
+struct Entry<V> {
+    value: Arc<V>,
+    /// The counters' total at the last sweep, and since when it has not changed.
+    last_total: u64,
+    quiet_since: Instant,
+}
+
+impl<K, V> Default for SeriesMap<K, V> {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V> SeriesMap<K, V> {
+    pub fn get_or_insert_with(&self, key: &K, make: impl FnOnce() -> V) -> Arc<V> {
+        let mut entries = lock(&self.entries);
+        if let Some(entry) = entries.get(key) {
+            return Arc::clone(&entry.value);
+        }
+        let value = Arc::new(make());
+        entries.insert(
+            key.clone(),
+            Entry {
+                value: Arc::clone(&value),
+                last_total: 0,
+                quiet_since: Instant::now(),
+            },
+        );
+        value
+    }
+
+    /// Every series, in no particular order.
+    pub fn entries(&self) -> Vec<(K, Arc<V>)> {
+        lock(&self.entries)
+            .iter()
+            .map(|(key, entry)| (key.clone(), Arc::clone(&entry.value)))
+            .collect()
+    }
+
+    /// How many series there are.
+    pub fn count(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    /// Drops the series that `stale` says belong to workloads gone from the mesh and whose
+    /// counters have not moved (and that had nothing open) for `idle`. `activity` gives a
+    /// series' total and whether something is still open in it.
+    fn expire(
+        &self,
+        now: Instant,
+        idle: Duration,
+        stale: impl Fn(&K, &V) -> bool,
+        activity: impl Fn(&V) -> (u64, bool),
+    ) -> usize {
+        let mut entries = lock(&self.entries);
+        let before = entries.len();
+        entries.retain(|key, entry| {
+            let (total, open) = activity(&entry.value);
+            if total != entry.last_total || open {
+                entry.last_total = total;
+                entry.quiet_since = now;
+                return true;
+            }
+            !(stale(key, &entry.value) && now.duration_since(entry.quiet_since) >= idle)
+        });
+        before - entries.len()
+    }
+}
+
+/// Where an outbound flow went: the client pod, the original destination (or the endpoint a
+/// service connection was sent to), how, and the service asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub pod: PodId,
+    pub destination: SocketAddrV4,
+    pub transport: Transport,
+    pub service: Option<Arc<str>>,
+}
+
+/// Connections arriving at a local pod from one source.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InboundFlowKey {
+    pub pod: PodId,
+    pub source: Peer,
+    pub transport: Transport,
+}
+
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct FlowSnapshot {
     pub source_pod: PodId,
     pub destination: SocketAddrV4,
     pub transport: Transport,
+    pub service: Option<String>,
     pub opened: u64,
     pub closed: u64,
     pub failed: u64,
@@ -61,12 +393,27 @@ pub struct InboundCounters {
     pub denied: AtomicU64,
     /// The app could not be reached.
     pub failed: AtomicU64,
-    pub bytes_to_app: AtomicU64,
-    pub bytes_from_app: AtomicU64,
     /// HTTP requests served from tunnel streams that carry HTTP.
     pub http_requests: AtomicU64,
     /// Requests answered 504 on arrival: their deadline had passed.
     pub deadline_exceeded: AtomicU64,
+}
+
+impl InboundCounters {
+    fn total(&self) -> u64 {
+        [
+            &self.mtls,
+            &self.plaintext,
+            &self.plaintext_rejected,
+            &self.denied,
+            &self.failed,
+            &self.http_requests,
+            &self.deadline_exceeded,
+        ]
+        .iter()
+        .map(|counter| counter.load(Relaxed))
+        .sum()
+    }
 }
 
 /// The tunnels between agents.
@@ -128,27 +475,117 @@ impl ServiceCounters {
 
 #[derive(Default)]
 pub struct Stats {
-    flows: Mutex<HashMap<(PodId, SocketAddrV4, Transport), Arc<FlowCounters>>>,
+    /// Outbound connections, as the client's agent sees them.
+    pub flows: SeriesMap<FlowKey, Flow>,
+    /// Connections arriving at local pods, by source.
+    pub inbound_flows: SeriesMap<InboundFlowKey, Flow>,
+    /// HTTP requests, as either agent sees them.
+    pub requests: SeriesMap<RequestKey, RequestSeries>,
+    pub denials: SeriesMap<DenialKey, AtomicU64>,
     services: Mutex<HashMap<String, Arc<ServiceCounters>>>,
-    inbound: Mutex<HashMap<PodId, Arc<InboundCounters>>>,
+    inbound: SeriesMap<PodId, InboundCounters>,
     pub tunnels: TunnelCounters,
     /// Connections accepted on a pod listener that the eBPF programs did not redirect.
     pub unknown_origin: AtomicU64,
 }
 
 impl Stats {
+    /// The counters of an outbound flow; `labels` names its ends and service the first time
+    /// it is seen.
     pub fn flow(
         &self,
-        pod: &PodId,
-        destination: SocketAddrV4,
-        transport: Transport,
-    ) -> Arc<FlowCounters> {
-        let mut flows = lock(&self.flows);
-        Arc::clone(
-            flows
-                .entry((pod.clone(), destination, transport))
-                .or_default(),
-        )
+        key: &FlowKey,
+        labels: impl FnOnce() -> (Peer, Peer, Option<Arc<str>>),
+    ) -> Arc<Flow> {
+        self.flows.get_or_insert_with(key, || {
+            let (source, destination, service) = labels();
+            Flow {
+                counters: FlowCounters::default(),
+                source,
+                destination,
+                service,
+                transport: key.transport,
+            }
+        })
+    }
+
+    /// The counters of connections from `key.source` delivered to a local pod (`destination`,
+    /// an endpoint of `service`).
+    pub fn inbound_flow(
+        &self,
+        key: &InboundFlowKey,
+        destination: &Peer,
+        service: impl FnOnce() -> Option<Arc<str>>,
+    ) -> Arc<Flow> {
+        self.inbound_flows.get_or_insert_with(key, || Flow {
+            counters: FlowCounters::default(),
+            source: key.source.clone(),
+            destination: destination.clone(),
+            service: service(),
+            transport: key.transport,
+        })
+    }
+
+    pub fn request(&self, key: &RequestKey) -> Arc<RequestSeries> {
+        self.requests
+            .get_or_insert_with(key, RequestSeries::default)
+    }
+
+    pub fn count_denial(&self, destination: &Peer, policy: &str) {
+        let key = DenialKey {
+            destination: destination.clone(),
+            policy: policy.into(),
+        };
+        self.denials
+            .get_or_insert_with(&key, AtomicU64::default)
+            .fetch_add(1, Relaxed);
+    }
+
+    /// Drops the series of workloads and pods no longer in `mesh` that have been quiet for
+    /// `idle`, and the counters of services it no longer has; returns how many series went.
+    pub fn expire(&self, now: Instant, idle: Duration, mesh: &MeshState) -> usize {
+        let config = &mesh.config;
+        let workloads: HashSet<(&str, &str)> = config
+            .pods
+            .iter()
+            .map(|pod| (pod.namespace.as_str(), pod.workload_name()))
+            .chain(
+                config
+                    .peers
+                    .iter()
+                    .map(|peer| (peer.namespace.as_str(), peer.workload_name())),
+            )
+            .collect();
+        let pods: HashSet<PodId> = config.pods.iter().map(PodSpec::id).collect();
+        let gone = |peer: &Peer| {
+            !peer.is_unknown() && !workloads.contains(&(&*peer.namespace, &*peer.workload))
+        };
+        lock(&self.services).retain(|id, _| mesh.services.has_port(id));
+        let flow_gone = |flow: &Flow| gone(&flow.source) || gone(&flow.destination);
+        let flow_activity = |flow: &Flow| flow.counters.activity();
+        self.flows
+            .expire(now, idle, |_, flow| flow_gone(flow), flow_activity)
+            + self
+                .inbound_flows
+                .expire(now, idle, |_, flow| flow_gone(flow), flow_activity)
+            + self.requests.expire(
+                now,
+                idle,
+                |key, _| gone(&key.source) || gone(&key.destination),
+                |series| (series.requests.load(Relaxed), false),
+            )
+            + self.denials.expire(
+                now,
+                idle,
+                |key, _| gone(&key.destination),
+                |count| (count.load(Relaxed), false),
+            )
+            + self.inbound.expire(
+                now,
+                idle,
+                |pod, _| !pods.contains(pod),
+                |counters| (counters.total(), false),
+            )
     }
 
     /// Counters of the service port `id` (`namespace/name:port`).
@@ -165,42 +602,58 @@ impl Stats {
     }
 
     pub fn inbound(&self, pod: &PodId) -> Arc<InboundCounters> {
-        Arc::clone(lock(&self.inbound).entry(pod.clone()).or_default())
+        self.inbound
+            .get_or_insert_with(pod, InboundCounters::default)
     }
 
     /// Inbound counters by destination pod, serialisable as they are (atomics serialise as numbers).
     pub fn inbound_snapshot(&self) -> serde_json::Value {
-        by_name(&lock(&self.inbound))
+        by_name(&self.inbound.entries().into_iter().collect())
+    }
+
+    pub fn inbound_counters(&self) -> Vec<(PodId, Arc<InboundCounters>)> {
+        self.inbound.entries()
+    }
+
+    /// Every service port's counters, by `namespace/name:port`.
+    pub fn service_counters(&self) -> Vec<(String, Arc<ServiceCounters>)> {
+        lock(&self.services)
+            .iter()
+            .map(|(id, counters)| (id.clone(), Arc::clone(counters)))
+            .collect()
     }
 
     pub fn snapshot(&self) -> Vec<FlowSnapshot> {
-        let flows = lock(&self.flows);
-        let mut snapshot: Vec<FlowSnapshot> = flows
-            .iter()
-            .map(|((pod, destination, transport), c)| {
+        let mut snapshot: Vec<FlowSnapshot> = self
+            .flows
+            .entries()
+            .into_iter()
+            .map(|(key, flow)| {
                 let (opened, closed, failed) = (
-                    c.opened.load(Relaxed),
-                    c.closed.load(Relaxed),
-                    c.failed.load(Relaxed),
+                    flow.opened.load(Relaxed),
+                    flow.closed.load(Relaxed),
+                    flow.failed.load(Relaxed),
                 );
                 FlowSnapshot {
-                    source_pod: pod.clone(),
-                    destination: *destination,
-                    transport: *transport,
+                    source_pod: key.pod,
+                    destination: key.destination,
+                    transport: key.transport,
+                    service: key.service.as_deref().map(str::to_owned),
                     opened,
                     closed,
                     failed,
-                    active: opened.saturating_sub(closed + failed),
-                    bytes_sent: c.bytes_sent.load(Relaxed),
-                    bytes_received: c.bytes_received.load(Relaxed),
+                    active: opened.saturating_sub(closed),
+                    bytes_sent: flow.bytes_sent.load(Relaxed),
+                    bytes_received: flow.bytes_received.load(Relaxed),
                 }
             })
             .collect();
         snapshot.sort_by(|a, b| {
-            (&a.source_pod, a.destination, a.transport).cmp(&(
+            (&a.source_pod, a.destination, a.transport, &a.service).cmp(&(
                 &b.source_pod,
                 b.destination,
                 b.transport,
+                &b.service,
             ))
         });
         snapshot
@@ -208,7 +661,9 @@ impl Stats {
 }
 
 /// Counters keyed by name, sorted, as JSON (atomics serialise as numbers).
-fn by_name<K: ToString, C: Serialize>(counters: &HashMap<K, Arc<C>>) -> serde_json::Value {
+fn by_name<K: ToString + Eq + Hash, C: Serialize>(
+    counters: &HashMap<K, Arc<C>>,
+) -> serde_json::Value {
     let sorted: std::collections::BTreeMap<String, &C> = counters
         .iter()
         .map(|(name, counters)| (name.to_string(), counters.as_ref()))
@@ -219,30 +674,33 @@ fn by_name<K: ToString, C: Serialize>(counters: &HashMap<K, Arc<C>>) -> serde_js
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{config::Config, state::MeshState};
+
+    fn flow_key(pod: &PodId, transport: Transport) -> FlowKey {
+        FlowKey {
+            pod: pod.clone(),
+            destination: "10.0.0.1:80".parse().unwrap(),
+            transport,
+            service: None,
+        }
+    }
+
+    fn peer(workload: &str) -> Peer {
+        Peer::new(workload, "default", None)
+    }
 
     #[test]
     fn flows_are_counted_per_pod_and_destination() {
         let stats = Stats::default();
         let (web, db) = (PodId::new("default", "web"), PodId::new("default", "db"));
-        let dst: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
+        let labels = || (peer("web"), Peer::unknown(), None);
+        let web_flow = stats.flow(&flow_key(&web, Transport::Mtls), labels);
+        web_flow.opened.fetch_add(2, Relaxed);
+        web_flow.closed.fetch_add(1, Relaxed);
+        let again = stats.flow(&flow_key(&web, Transport::Mtls), labels);
+        again.bytes_sent.fetch_add(10, Relaxed);
         stats
-            .flow(&web, dst, Transport::Mtls)
-            .opened
-            .fetch_add(1, Relaxed);
-        stats
-            .flow(&web, dst, Transport::Mtls)
-            .opened
-            .fetch_add(1, Relaxed);
-        stats
-            .flow(&web, dst, Transport::Mtls)
-            .closed
-            .fetch_add(1, Relaxed);
-        stats
-            .flow(&web, dst, Transport::Mtls)
-            .bytes_sent
-            .fetch_add(10, Relaxed);
-        stats
-            .flow(&db, dst, Transport::Plaintext)
+            .flow(&flow_key(&db, Transport::Plaintext), labels)
             .failed
             .fetch_add(1, Relaxed);
         let snapshot = stats.snapshot();
@@ -259,5 +717,51 @@ mod tests {
         );
         let db_flow = snapshot.iter().find(|f| f.source_pod == db).unwrap();
         assert_eq!((db_flow.failed, db_flow.active), (1, 0));
+    }
+
+    #[test]
+    fn series_of_departed_workloads_expire_once_quiet() {
+        let config = Config::parse(
+            "pods:\n  - {name: web-1, workload: web, netns: /run/netns/web, ip: 10.0.0.1}\n",
+        )
+        .unwrap();
+        let mesh = MeshState::from_config(&config, &Default::default(), &Stats::default());
+        let stats = Stats::default();
+        let pod = PodId::new("default", "web-1");
+        let present = stats.flow(&flow_key(&pod, Transport::Plaintext), || {
+            (peer("web"), Peer::unknown(), None)
+        });
+        let departed = stats.flow(&flow_key(&pod, Transport::Mtls), || {
+            (peer("web"), peer("gone"), None)
+        });
+        let open = stats.flow(
+            &FlowKey {
+                service: Some("x".into()),
+                ..flow_key(&pod, Transport::Mtls)
+            },
+            || (peer("gone"), peer("web"), None),
+        );
+        open.opened.fetch_add(1, Relaxed);
+        present.opened.fetch_add(1, Relaxed);
+        departed.opened.fetch_add(1, Relaxed);
+        departed.closed.fetch_add(1, Relaxed);
+        let idle = Duration::from_secs(60);
+        let start = Instant::now();
+        // The first sweep sees the counts move; nothing goes.
+        assert_eq!(stats.expire(start, idle, &mesh), 0);
+        assert_eq!(stats.expire(start + idle / 2, idle, &mesh), 0);
+        // Quiet for `idle`: the flow to the departed workload goes; the present workload's
+        // flow and the connection still open stay.
+        assert_eq!(stats.expire(start + idle, idle, &mesh), 1);
+        assert_eq!(stats.flows.count(), 2);
+        assert!(stats
+            .flows
+            .entries()
+            .iter()
+            .all(|(_, flow)| flow.destination != peer("gone")));
+        // Traffic again restarts the clock.
+        open.closed.fetch_add(1, Relaxed);
+        assert_eq!(stats.expire(start + idle * 2, idle, &mesh), 0);
+        assert_eq!(stats.expire(start + idle * 3, idle, &mesh), 1);
     }
 }

@@ -14,7 +14,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, Ordering::Relaxed},
         Arc, Mutex,
     },
     task::{ready, Poll},
@@ -41,7 +41,7 @@ use crate::{
     lock,
     proxy::connect_within,
     state::Workload,
-    stats::Stats,
+    stats::{ByteMeter, Stats},
 };
 
 /// The header carrying the client pod's address, so the destination can deliver with it as source.
@@ -114,6 +114,19 @@ impl TunnelPool {
             connect_timeout,
             slots: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Pooled tunnel connections that are open.
+    pub fn open_connections(&self) -> usize {
+        lock(&self.slots)
+            .values()
+            .filter(|slot| {
+                // A slot being filled or used right now is counted as open.
+                slot.try_lock().map_or(true, |held| {
+                    held.as_ref().is_some_and(|c| !c.closed.load(Relaxed))
+                })
+            })
+            .count()
     }
 
     /// Closes the pooled connections of source identities no longer on this node (their open
@@ -282,8 +295,8 @@ impl TunnelStream {
     pub async fn splice(
         &mut self,
         tcp: &mut TcpStream,
-        read_from_tcp: &AtomicU64,
-        read_from_stream: &AtomicU64,
+        read_from_tcp: ByteMeter<'_>,
+        read_from_stream: ByteMeter<'_>,
     ) -> io::Result<(u64, u64)> {
         let (mut tcp_read, mut tcp_write) = tcp.split();
         tokio::try_join!(
@@ -402,7 +415,7 @@ impl AsyncWrite for TunnelIo {
 async fn tcp_to_stream(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
-    counter: &AtomicU64,
+    counter: ByteMeter<'_>,
 ) -> io::Result<u64> {
     let mut buffer = BytesMut::new();
     let mut total = 0;
@@ -422,7 +435,7 @@ async fn tcp_to_stream(
             send.send_data(Bytes::new(), true).map_err(h2_error)?;
             return Ok(total);
         }
-        counter.fetch_add(read as u64, Relaxed);
+        counter.add(read as u64);
         total += read as u64;
         let mut chunk = buffer.split().freeze();
         send.reserve_capacity(chunk.len());
@@ -457,12 +470,12 @@ async fn send_capacity(send: &mut SendStream<Bytes>) -> io::Result<usize> {
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
-    counter: &AtomicU64,
+    counter: ByteMeter<'_>,
 ) -> io::Result<u64> {
     let mut total = 0;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_error)?;
-        counter.fetch_add(data.len() as u64, Relaxed);
+        counter.add(data.len() as u64);
         total += data.len() as u64;
         tcp.write_all(&data).await?;
         recv.flow_control()

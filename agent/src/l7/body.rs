@@ -60,6 +60,11 @@ impl<B: Body<Data = Bytes> + Unpin> RecordedBody<B> {
         })
     }
 
+    /// Counts the bytes the client sends, as they are read.
+    pub fn received_bytes(&self) -> ReceivedBytes {
+        ReceivedBytes(Arc::clone(&self.record))
+    }
+
     /// Whether the whole body has been recorded, so [`replay`](Self::replay) has a copy.
     pub fn is_replayable(&self) -> bool {
         let record = lock(&self.record);
@@ -76,6 +81,15 @@ impl<B: Body<Data = Bytes> + Unpin> RecordedBody<B> {
             chunks: record.chunks.iter().cloned().collect(),
             trailers: record.trailers.clone(),
         })
+    }
+}
+
+/// How many bytes of a [`RecordedBody`] the client has sent so far.
+pub struct ReceivedBytes(Arc<Mutex<Record>>);
+
+impl ReceivedBytes {
+    pub fn get(&self) -> u64 {
+        lock(&self.0).length as u64
     }
 }
 

@@ -9,6 +9,7 @@
 //! caught in between never reaches the app and is answered so (see [`UNDELIVERED`]).
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     pin::pin,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Instant, SystemTime},
@@ -39,10 +40,15 @@ use super::{
         agent_reply, grpc_shaped, is_failure, is_grpc, splice_upgraded, strip_hop_by_hop,
         until_finished, ProxyBody, LOCAL_REPLY,
     },
+    observe::{flags, CountedBody, RequestBytes, RequestRecord},
     retry::RETRIES_EXHAUSTED,
     trace::trace_id,
 };
-use crate::{config::PodId, proxy::ProxyContext, stats::InboundCounters};
+use crate::{
+    inbound::Arrival,
+    proxy::ProxyContext,
+    stats::{Reporter, UNKNOWN},
+};
 
 /// Header of an answer to a request that was not written to the app because its connection had
 /// closed: the source agent treats it as a failed connect, which is safe to retry.
@@ -51,12 +57,14 @@ pub const UNDELIVERED: &str = "x-weft-undelivered";
 /// The connection to the app that a stream's requests go through.
 enum AppConnection {
     /// One request at a time, as the stream's own HTTP/1.1 requests arrive.
-    Http1(Mutex<http1::SendRequest<Incoming>>),
-    Http2(http2::SendRequest<Incoming>),
+    Http1(Mutex<http1::SendRequest<AppBody>>),
+    Http2(http2::SendRequest<AppBody>),
 }
 
+type AppBody = CountedBody<Incoming>;
+
 impl AppConnection {
-    async fn send(&self, request: Request<Incoming>) -> hyper::Result<Response<Incoming>> {
+    async fn send(&self, request: Request<AppBody>) -> hyper::Result<Response<Incoming>> {
         match self {
             Self::Http1(sender) => {
                 let mut sender = sender.lock().await;
@@ -74,8 +82,7 @@ impl AppConnection {
 /// another agent they keep their HTTP status, which that agent judges and shapes itself).
 pub async fn serve<S>(
     ctx: Arc<ProxyContext>,
-    pod: PodId,
-    counters: Arc<InboundCounters>,
+    arrival: Arrival,
     stream: S,
     app: TcpStream,
     http2: bool,
@@ -110,16 +117,29 @@ where
     };
     let connection = Arc::new(connection);
     let service_ctx = Arc::clone(&ctx);
+    let arrival = Arc::new(arrival);
     let service = service_fn(move |request| {
-        let (ctx, pod, counters, connection) = (
+        let (ctx, arrival, connection) = (
             Arc::clone(&service_ctx),
-            pod.clone(),
-            Arc::clone(&counters),
+            Arc::clone(&arrival),
             Arc::clone(&connection),
         );
         async move {
             let grpc = is_grpc(request.headers());
-            let mut response = deliver(&ctx, &pod, &counters, &connection, request).await;
+            let (started, start_time) = (Instant::now(), SystemTime::now());
+            let (version, method, uri) = (
+                request.version(),
+                request.method().clone(),
+                request.uri().clone(),
+            );
+            let host = request.headers().get(http::header::HOST).cloned();
+            let trace_id = trace_id(request.headers());
+            let (request, request_bytes) = {
+                let (parts, body) = request.into_parts();
+                let (body, count) = CountedBody::new(body);
+                (Request::from_parts(parts, body), count)
+            };
+            let (mut response, flags) = deliver(&ctx, &arrival, &connection, request).await;
             if grpc && client_facing {
                 response = grpc_shaped(response);
             } else if grpc && response.headers().contains_key(LOCAL_REPLY) {
@@ -129,7 +149,36 @@ where
                     HeaderValue::from_static("application/grpc"),
                 );
             }
-            Ok::<_, Infallible>(response)
+            let service = ctx
+                .state
+                .get()
+                .services
+                .serving(arrival.target)
+                .cloned()
+                .unwrap_or_else(|| UNKNOWN.into());
+            let record = RequestRecord {
+                ctx: Arc::clone(&ctx),
+                reporter: Reporter::Destination,
+                source: arrival.source.clone(),
+                source_address: arrival.source_address,
+                destination: arrival.workload.peer.clone(),
+                destination_address: Some(SocketAddr::V4(arrival.target)),
+                service,
+                transport: arrival.transport,
+                grpc,
+                version,
+                method,
+                uri,
+                host,
+                trace_id,
+                started,
+                start_time,
+                request_bytes: RequestBytes::Counted(request_bytes),
+                status: response.status().as_u16(),
+                flags,
+                retries: 0,
+            };
+            Ok::<_, Infallible>(record.observe(response))
         }
     });
     let stream = TokioIo::new(stream);
@@ -146,25 +195,30 @@ where
     served.unwrap_or(Ok(()))
 }
 
+/// Hands one request to the app: its answer, and the response flags it is recorded with.
 async fn deliver(
     ctx: &ProxyContext,
-    pod: &PodId,
-    counters: &InboundCounters,
+    arrival: &Arrival,
     app: &AppConnection,
-    mut request: Request<Incoming>,
-) -> Response<ProxyBody> {
-    counters.http_requests.fetch_add(1, Relaxed);
+    mut request: Request<AppBody>,
+) -> (Response<ProxyBody>, &'static str) {
+    let pod = &arrival.workload.id;
+    arrival.counters.http_requests.fetch_add(1, Relaxed);
     match request_deadline(request.headers(), SystemTime::now()) {
         Ok(Some(deadline)) if deadline <= SystemTime::now() => {
-            counters.deadline_exceeded.fetch_add(1, Relaxed);
+            arrival.counters.deadline_exceeded.fetch_add(1, Relaxed);
             debug!(%pod, "request arrived after its deadline; answered without the app");
-            return agent_reply(
+            let reply = agent_reply(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the request's deadline had passed",
             );
+            return (reply, flags::DEADLINE_EXCEEDED);
         }
         Ok(_) => {}
-        Err(err) => return agent_reply(StatusCode::BAD_REQUEST, &err.to_string()),
+        Err(err) => {
+            let reply = agent_reply(StatusCode::BAD_REQUEST, &err.to_string());
+            return (reply, flags::BAD_REQUEST);
+        }
     }
     let trace = trace_id(request.headers());
     // A protocol switch (WebSocket from a client outside the mesh): once the app agrees, both
@@ -192,11 +246,12 @@ async fn deliver(
             reply
                 .headers_mut()
                 .insert(UNDELIVERED, HeaderValue::from_static("1"));
-            return reply;
+            return (reply, flags::UPSTREAM_CONNECT_FAILURE);
         }
         Err(err) => {
             debug!(%pod, error = %err, "the app failed before answering");
-            return agent_reply(StatusCode::BAD_GATEWAY, "the app failed before answering");
+            let reply = agent_reply(StatusCode::BAD_GATEWAY, "the app failed before answering");
+            return (reply, flags::UPSTREAM_RESET);
         }
     };
     let gave_up = trace.is_some_and(|trace| ctx.exhausted.contains(trace, Instant::now()));
@@ -205,5 +260,5 @@ async fn deliver(
             .headers_mut()
             .insert(RETRIES_EXHAUSTED, HeaderValue::from_static("1"));
     }
-    response
+    (response, flags::NONE)
 }

@@ -9,7 +9,7 @@
 use std::{
     convert::Infallible,
     future::Future,
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     pin::{pin, Pin},
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant, SystemTime},
@@ -32,14 +32,15 @@ use super::{
     body::{RecordedBody, UpstreamBody},
     deadline::{request_deadline, set_deadline},
     detect::{Prefixed, Protocol},
+    observe::{flags, RequestBytes, RequestRecord},
     pool::SendError,
     retry::{Outcome, RETRIES_EXHAUSTED},
     service::{CompiledRule, ServiceBackend, ServicePortEntry},
     trace::ensure_trace,
 };
 use crate::{
-    proxy::{PodProxy, ProxyContext},
-    stats::ServiceCounters,
+    proxy::{transport_to, PodProxy, ProxyContext},
+    stats::{Peer, Reporter, ServiceCounters, Transport},
 };
 
 /// The largest request head accepted from a pod; larger ones get 431.
@@ -57,6 +58,7 @@ pub async fn serve(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     client: Prefixed<TcpStream>,
+    client_address: Option<SocketAddr>,
     protocol: Protocol,
     vip: SocketAddrV4,
     entry: &ServicePortEntry,
@@ -69,7 +71,7 @@ pub async fn serve(
             async move {
                 let entry = ctx.state.get().services.at(vip).cloned();
                 let response = match entry {
-                    Some(entry) => handle(&ctx, &pod, &entry, request).await,
+                    Some(entry) => handle(&ctx, &pod, &entry, request, client_address).await,
                     None => agent_reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the service is no longer configured",
@@ -133,20 +135,75 @@ where
     }
 }
 
-/// Answers one request from the pod.
+/// Answers one request from the pod, and records it once the answer has been sent.
 async fn handle(
     ctx: &Arc<ProxyContext>,
     pod: &Arc<PodProxy>,
     entry: &ServicePortEntry,
     request: Request<Incoming>,
+    client_address: Option<SocketAddr>,
 ) -> Response<ProxyBody> {
+    let (started, start_time) = (Instant::now(), SystemTime::now());
     let grpc = is_grpc(request.headers());
-    let response = route_and_forward(ctx, pod, entry, request).await;
+    let (version, method, uri) = (
+        request.version(),
+        request.method().clone(),
+        request.uri().clone(),
+    );
+    let host = request.headers().get(header::HOST).cloned();
+    let mut served = Served {
+        service: Arc::clone(&entry.backend.host),
+        endpoint: None,
+        transport: Transport::Plaintext,
+        flags: flags::NONE,
+        retries: 0,
+        request_bytes: RequestBytes::Unread,
+        trace_id: None,
+    };
+    let mut response = route_and_forward(ctx, pod, entry, request, &mut served).await;
     if grpc {
-        grpc_shaped(response)
-    } else {
-        response
+        response = grpc_shaped(response);
     }
+    let destination = match served.endpoint {
+        Some(endpoint) => ctx.state.get().peer_at(*endpoint.ip()),
+        None => Peer::unknown(),
+    };
+    let record = RequestRecord {
+        ctx: Arc::clone(ctx),
+        reporter: Reporter::Source,
+        source: pod.peer.clone(),
+        source_address: client_address,
+        destination,
+        destination_address: served.endpoint.map(SocketAddr::V4),
+        service: served.service,
+        transport: served.transport,
+        grpc,
+        version,
+        method,
+        uri,
+        host,
+        trace_id: served.trace_id,
+        started,
+        start_time,
+        request_bytes: served.request_bytes,
+        status: response.status().as_u16(),
+        flags: served.flags,
+        retries: served.retries,
+    };
+    record.observe(response)
+}
+
+/// How a request was served, for its record.
+struct Served {
+    /// The service that answered (a route may send to another service than the one asked).
+    service: Arc<str>,
+    /// The endpoint of the last try.
+    endpoint: Option<SocketAddrV4>,
+    transport: Transport,
+    flags: &'static str,
+    retries: u32,
+    request_bytes: RequestBytes,
+    trace_id: Option<u128>,
 }
 
 async fn route_and_forward(
@@ -154,6 +211,7 @@ async fn route_and_forward(
     pod: &Arc<PodProxy>,
     entry: &ServicePortEntry,
     request: Request<Incoming>,
+    served: &mut Served,
 ) -> Response<ProxyBody> {
     let counters = Arc::clone(&entry.backend.counters);
     counters.requests.fetch_add(1, Relaxed);
@@ -161,11 +219,13 @@ async fn route_and_forward(
     let deadline = match request_deadline(request.headers(), now) {
         Ok(deadline) => deadline,
         Err(err) => {
+            served.flags = flags::BAD_REQUEST;
             return local_reply(StatusCode::BAD_REQUEST, &format!("{err}"), &counters);
         }
     };
     if deadline.is_some_and(|d| d <= now) {
         counters.deadline_exceeded.fetch_add(1, Relaxed);
+        served.flags = flags::DEADLINE_EXCEEDED;
         return local_reply(
             StatusCode::GATEWAY_TIMEOUT,
             "the request's deadline had passed",
@@ -173,6 +233,7 @@ async fn route_and_forward(
         );
     }
     let Some(rule) = entry.select(request.method(), request.uri().path(), request.headers()) else {
+        served.flags = flags::NO_ROUTE;
         return local_reply(
             StatusCode::NOT_FOUND,
             "no route rule matches the request",
@@ -184,13 +245,20 @@ async fn route_and_forward(
         (d, t) => d.or_else(|| t.map(|t| now + t)),
     };
     if request.headers().contains_key(header::UPGRADE) {
-        return forward_upgrade(ctx, pod, rule, request, &counters).await;
+        return forward_upgrade(ctx, pod, rule, request, &counters, served).await;
     }
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let trace = ensure_trace(&mut parts.headers);
+    served.trace_id = Some(trace);
     let mut body = RecordedBody::new(body, ctx.retry_body_limit);
-    let response = forward(ctx, pod, rule, &parts, &mut body, deadline, &counters).await;
+    served.request_bytes = RequestBytes::Recorded(body.received_bytes());
+    let outgoing = Outgoing {
+        parts: &parts,
+        body: &mut body,
+        deadline,
+    };
+    let response = forward(ctx, pod, rule, outgoing, &counters, served).await;
     if response.headers().contains_key(RETRIES_EXHAUSTED) {
         ctx.exhausted.record(trace, Instant::now());
     }
@@ -204,18 +272,30 @@ async fn route_and_forward(
     response
 }
 
+/// A request on its way to an endpoint: its head, its body and its deadline.
+struct Outgoing<'a> {
+    parts: &'a Parts,
+    body: &'a mut RecordedBody,
+    deadline: Option<SystemTime>,
+}
+
 /// Tries the request on endpoints of a backend the rule picks until it succeeds, the policy
 /// or budget allows no more tries, or the deadline passes.
 async fn forward(
     ctx: &ProxyContext,
     pod: &PodProxy,
     rule: &CompiledRule,
-    parts: &Parts,
-    body: &mut RecordedBody,
-    deadline: Option<SystemTime>,
+    outgoing: Outgoing<'_>,
     counters: &ServiceCounters,
+    served: &mut Served,
 ) -> Response<ProxyBody> {
+    let Outgoing {
+        parts,
+        body,
+        deadline,
+    } = outgoing;
     let backend = rule.pick_backend();
+    served.service = Arc::clone(&backend.host);
     let policy = &rule.retry;
     let started = Instant::now();
     if let Some(budget) = &backend.budget {
@@ -225,9 +305,11 @@ async fn forward(
     let mut tries = 0;
     loop {
         tries += 1;
+        served.retries = tries - 1;
         let remaining = match deadline.map(|d| d.duration_since(SystemTime::now())) {
             Some(Err(_)) => {
                 counters.deadline_exceeded.fetch_add(1, Relaxed);
+                served.flags = flags::DEADLINE_EXCEEDED;
                 return local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the request's deadline passed",
@@ -241,6 +323,7 @@ async fn forward(
             Ok(pick) => pick,
             Err(err) => {
                 counters.no_endpoint.fetch_add(1, Relaxed);
+                served.flags = flags::NO_HEALTHY_UPSTREAM;
                 return local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("{}: {err}", backend.id),
@@ -249,8 +332,11 @@ async fn forward(
             }
         };
         let endpoint = pick.endpoint();
+        served.endpoint = Some(endpoint);
+        served.transport = transport_to(ctx, pod, *endpoint.ip());
         let Some(request_body) = body.first().or_else(|| body.replay()) else {
             // Unreachable: a retry starts only with a recorded body.
+            served.flags = flags::UPSTREAM_RESET;
             return local_reply(
                 StatusCode::BAD_GATEWAY,
                 "the request body was already sent",
@@ -326,7 +412,14 @@ async fn forward(
         let marked = matches!(&result, Some(Ok((response, _))) if response.headers().contains_key(RETRIES_EXHAUSTED));
         let exhausted = retry_allowed || marked;
         return match result {
-            Some(Ok((response, _))) => {
+            Some(Ok((response, transport))) => {
+                served.transport = transport;
+                served.flags = if retry_allowed && is_failure(response.status(), response.headers())
+                {
+                    flags::RETRIES_EXHAUSTED
+                } else {
+                    flags::NONE
+                };
                 counters.count_response(response.status());
                 let mut response = response.map(|body| body.boxed());
                 strip_hop_by_hop(response.headers_mut());
@@ -338,20 +431,32 @@ async fn forward(
                 response
             }
             failure => {
-                let (status, reason) = match failure {
+                let (status, flag, reason) = match failure {
                     None => (
                         StatusCode::GATEWAY_TIMEOUT,
+                        flags::UPSTREAM_TIMEOUT,
                         format!("{endpoint} did not answer in time"),
                     ),
                     Some(Err(SendError::Connect(err))) => (
                         StatusCode::SERVICE_UNAVAILABLE,
+                        flags::UPSTREAM_CONNECT_FAILURE,
                         format!("connecting to {endpoint}: {err:#}"),
                     ),
                     Some(Err(SendError::Reset(err))) => (
                         StatusCode::BAD_GATEWAY,
+                        flags::UPSTREAM_RESET,
                         format!("{endpoint} failed before answering: {err}"),
                     ),
-                    Some(Ok(_)) => (StatusCode::BAD_GATEWAY, String::new()),
+                    Some(Ok(_)) => (
+                        StatusCode::BAD_GATEWAY,
+                        flags::UPSTREAM_RESET,
+                        String::new(),
+                    ),
+                };
+                served.flags = if retry_allowed {
+                    flags::with_retries_exhausted(flag)
+                } else {
+                    flag
                 };
                 info!(pod = %pod.id, service = %backend.id, tries, error = %reason, "request failed");
                 let mut response = local_reply(status, &reason, counters);
@@ -423,17 +528,22 @@ async fn forward_upgrade(
     rule: &CompiledRule,
     mut request: Request<Incoming>,
     counters: &ServiceCounters,
+    served: &mut Served,
 ) -> Response<ProxyBody> {
     let backend = rule.pick_backend();
+    served.service = Arc::clone(&backend.host);
     let pick = match backend.balancer.pick(&[], Instant::now()) {
         Ok(pick) => pick,
         Err(err) => {
             counters.no_endpoint.fetch_add(1, Relaxed);
+            served.flags = flags::NO_HEALTHY_UPSTREAM;
             let reason = format!("{}: {err}", backend.id);
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, &reason, counters);
         }
     };
     let endpoint = pick.endpoint();
+    served.endpoint = Some(endpoint);
+    served.transport = transport_to(ctx, pod, *endpoint.ip());
     let client_side = hyper::upgrade::on(&mut request);
     let (parts, body) = request.into_parts();
     let mut body = RecordedBody::new(body, 0);
@@ -447,11 +557,13 @@ async fn forward_upgrade(
         Ok(response) => response,
         Err(SendError::Connect(err)) => {
             pick.failure(started.elapsed(), Instant::now());
+            served.flags = flags::UPSTREAM_CONNECT_FAILURE;
             let reason = format!("connecting to {endpoint}: {err:#}");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, &reason, counters);
         }
         Err(SendError::Reset(err)) => {
             pick.failure(started.elapsed(), Instant::now());
+            served.flags = flags::UPSTREAM_RESET;
             let reason = format!("{endpoint} failed before answering: {err}");
             return local_reply(StatusCode::BAD_GATEWAY, &reason, counters);
         }

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod deliver;
 pub mod detect;
 pub mod http;
+pub mod observe;
 pub mod pool;
 pub mod retry;
 pub mod route;
@@ -31,7 +32,8 @@ use self::{
 };
 use crate::{
     config::AppProtocol,
-    proxy::{open_upstream, relay, PodProxy, ProxyContext},
+    proxy::{open_upstream, refuse, relay, Destination, PodProxy, ProxyContext},
+    stats::Transport,
 };
 
 /// How many endpoints an opaque connection tries before the client is refused.
@@ -67,12 +69,14 @@ pub async fn serve_service(
         }
     };
     if protocol == Protocol::Opaque {
-        relay_opaque(&ctx, &pod, client, prefix, &entry).await;
+        relay_opaque(&ctx, &pod, client, prefix, vip, &entry).await;
     } else {
+        let client_address = client.peer_addr().ok();
         http::serve(
             ctx,
             pod,
             Prefixed::new(prefix, client),
+            client_address,
             protocol,
             vip,
             &entry,
@@ -87,20 +91,29 @@ async fn relay_opaque(
     pod: &PodProxy,
     client: TcpStream,
     prefix: Bytes,
+    vip: SocketAddrV4,
     entry: &ServicePortEntry,
 ) {
     let backend = &entry.backend;
     let counters = &backend.counters;
     counters.connections.fetch_add(1, Relaxed);
     let mut avoid = Vec::new();
+    // Without any endpoint to blame, a refusal is counted against the service's address.
+    let mut refused = (
+        Destination {
+            address: vip,
+            transport: Transport::Plaintext,
+            service: Some(&backend.host),
+        },
+        String::new(),
+    );
     for _ in 0..OPAQUE_CONNECT_TRIES {
         let pick = match backend.balancer.pick(&avoid, Instant::now()) {
             Ok(pick) => pick,
             Err(err) => {
                 counters.no_endpoint.fetch_add(1, Relaxed);
-                warn!(pod = %pod.id, service = %backend.id, error = %err, "no endpoint for the connection; refusing it");
-                let _ = client.set_zero_linger();
-                return;
+                refused.1 = format!("{}: {err}", backend.id);
+                break;
             }
         };
         let endpoint = pick.endpoint();
@@ -108,16 +121,29 @@ async fn relay_opaque(
         match open_upstream(ctx, pod, endpoint, None).await {
             Ok((upstream, transport)) => {
                 pick.success(started.elapsed(), Instant::now());
-                relay(ctx, pod, client, endpoint, upstream, transport, prefix).await;
+                let to = Destination {
+                    address: endpoint,
+                    transport,
+                    service: Some(&backend.host),
+                };
+                relay(ctx, pod, client, &to, upstream, prefix).await;
                 return;
             }
             Err(err) => {
                 pick.failure(started.elapsed(), Instant::now());
                 counters.connect_failures.fetch_add(1, Relaxed);
-                warn!(pod = %pod.id, service = %backend.id, %endpoint, error = %err, "endpoint connect failed");
                 avoid.push(endpoint);
+                refused = (
+                    Destination {
+                        address: endpoint,
+                        transport: err.transport,
+                        service: Some(&backend.host),
+                    },
+                    format!("{}: {err}", backend.id),
+                );
             }
         }
     }
-    let _ = client.set_zero_linger();
+    let (to, reason) = refused;
+    refuse(ctx, pod, &to, &client, reason);
 }

@@ -33,6 +33,8 @@ const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 pub struct ServiceBackend {
     /// `namespace/name:port`, for logs and counters.
     pub id: String,
+    /// `name.namespace.svc.cluster.local`, as Istio's `destination_service` label names it.
+    pub host: Arc<str>,
     pub target_port: u16,
     pub protocol: Option<AppProtocol>,
     pub balancer: Balancer,
@@ -104,6 +106,13 @@ impl ServicePortEntry {
 pub struct Services {
     by_address: HashMap<SocketAddrV4, Arc<ServicePortEntry>>,
     backends: HashMap<ServicePortKey, Arc<ServiceBackend>>,
+    /// The service an endpoint address serves (the first in the config when several do).
+    by_endpoint: HashMap<SocketAddrV4, Arc<str>>,
+}
+
+/// A service's name as Istio's `destination_service` label gives it.
+pub fn service_host(namespace: &str, name: &str) -> Arc<str> {
+    format!("{name}.{namespace}.svc.cluster.local").into()
 }
 
 /// Without a route, a service retries what is safe to retry: connections that failed, and
@@ -158,6 +167,7 @@ impl Services {
                         let id = format!("{}/{}:{}", key.namespace, key.name, key.port);
                         Arc::new(ServiceBackend {
                             counters: stats.service(&id),
+                            host: service_host(&key.namespace, &key.name),
                             id,
                             target_port: port.target_port(),
                             protocol: port.protocol,
@@ -174,6 +184,7 @@ impl Services {
             }
         }
         let mut by_address = HashMap::new();
+        let mut by_endpoint = HashMap::new();
         for service in &config.services {
             for port in &service.ports {
                 let key = ServicePortKey {
@@ -184,6 +195,11 @@ impl Services {
                 let Some(backend) = backends.get(&key) else {
                     continue;
                 };
+                for endpoint in backend.balancer.endpoints() {
+                    by_endpoint
+                        .entry(endpoint.addr)
+                        .or_insert_with(|| Arc::clone(&backend.host));
+                }
                 let entry = Arc::new(compile_port(&key, backend, &config.routes, &backends));
                 for vip in &service.vips {
                     by_address.insert(SocketAddrV4::new(*vip, port.port), Arc::clone(&entry));
@@ -193,6 +209,7 @@ impl Services {
         Self {
             by_address,
             backends,
+            by_endpoint,
         }
     }
 
@@ -234,6 +251,24 @@ impl Services {
             })
             .collect();
         serde_json::to_value(by_id).unwrap_or_default()
+    }
+
+    /// Endpoint ejections so far, by service port (`namespace/name:port`).
+    pub fn ejections(&self) -> std::collections::BTreeMap<String, u64> {
+        self.backends
+            .values()
+            .map(|backend| (backend.id.clone(), backend.balancer.ejections_total()))
+            .collect()
+    }
+
+    /// Whether the service port `namespace/name:port` exists.
+    pub fn has_port(&self, id: &str) -> bool {
+        self.backends.values().any(|backend| backend.id == id)
+    }
+
+    /// The service whose endpoint `address` is, for naming what a delivered request was for.
+    pub fn serving(&self, address: SocketAddrV4) -> Option<&Arc<str>> {
+        self.by_endpoint.get(&address)
     }
 
     /// The service port answering at `address`, if it is a service's virtual address.
