@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bench_http;
+pub mod chromium;
 pub mod lab;
 pub mod pki;
 pub mod setup;

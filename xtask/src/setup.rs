@@ -24,6 +24,9 @@ const LAB_PACKAGES: &[&str] = &[
     "tcpdump",
     // The L7 tests' raw HTTP client (a perl script with Time::HiRes).
     "perl",
+    // The admin page's tests render it headless (chromium.rs); screenshots need a font.
+    "chromium",
+    "fonts-dejavu-core",
 ];
 
 pub fn ensure() -> Result<()> {
