@@ -1,6 +1,8 @@
-//! Lab tests of the admin endpoint: reachable on the node's loopback only, `/config_dump` without
-//! key material, `/logging` changing the log filter at run time, and `/ready` while draining
-//! (need root).
+//! Lab tests of observability: `/metrics` counting requests, connections and bytes exactly for
+//! both reporters (and bytes while a connection is open), the graph page in headless Chromium,
+//! audit lines of policy denials; the admin endpoint reachable on the node's loopback only,
+//! `/config_dump` without key material, `/logging` changing the log filter at run time, and
+//! `/ready` while draining (need root).
 use std::{
     fs::{self, File},
     io::{BufRead, BufReader, Write},
@@ -8,14 +10,18 @@ use std::{
     os::fd::AsRawFd,
     process::Stdio,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{ensure, Context, Result};
+use prometheus_parse::{Scrape, Value as PromValue};
 use serde_json::Value;
-use weft_lab_tests::{curl, fetch, flow, start_meshed_agents, TestLab};
+use weft_lab_tests::{
+    curl, fetch, flow, listen_in, load_url, start_meshed_agents, App, TestLab, APP_PORT,
+};
 use xtask::{
     agent::{Agent, Mesh, ADMIN_ADDR, TRUST_DOMAIN},
+    chromium,
     lab::{Node, Pod},
     pki::{spiffe_id, TestCa},
 };
@@ -400,6 +406,418 @@ fn ready_is_503_while_draining() -> Result<()> {
             .contains("closing connections still open after the drain period"),
         "the drain did not end with the connections:\n{}",
         agent.log()
+    );
+    Ok(())
+}
+
+const APP: &str = env!("CARGO_BIN_EXE_weft-testapp");
+/// Where the lab agents serve `/metrics` (configured: not the default port).
+const METRICS_PORT: u16 = 15090;
+const API_VIP: &str = "10.96.0.30";
+
+/// A two-node mesh: a1 on node a calls the service `api` (VIP `API_VIP`:80 → APP_PORT) whose
+/// one endpoint is b1 on node b; metrics on METRICS_PORT.
+fn metrics_lab(name: &str) -> Result<(TestLab, Mesh)> {
+    let lab = TestLab::up(name, 2, 1)?;
+    let ca = TestCa::new("weft lab mesh CA")?;
+    let (cert, key) = ca.write(&lab.dir.join("ca"))?;
+    let mut mesh = Mesh::new(&lab, cert, key);
+    mesh.agent_extra = format!("  metrics_addr: 0.0.0.0:{METRICS_PORT}\n");
+    mesh.workload_mut("b1")?.labels = "{app: api}";
+    mesh.services = format!(
+        "  - name: api\n    namespace: lab\n    vips: [{API_VIP}]\n    ports: [{{port: 80, target_port: {APP_PORT}}}]\n    selector: {{app: api}}\n"
+    );
+    Ok((lab, mesh))
+}
+
+/// `GET /metrics` of `node`'s agent at the node's address, parsed as a scraper would.
+fn scrape(node: &Node) -> Result<Scrape> {
+    let out = node
+        .command("curl")?
+        .args(["-sSf", "--max-time", "5"])
+        .arg(format!("http://{}:{METRICS_PORT}/metrics", node.ip))
+        .output()
+        .context("running curl for /metrics")?;
+    ensure!(
+        out.status.success(),
+        "/metrics of node {}: {}",
+        node.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).context("/metrics is not UTF-8")?;
+    Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).context("parsing /metrics")
+}
+
+/// The sum of the samples of `metric` carrying `labels` (0 when there are none).
+fn metric(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Polls `check` on fresh scrapes of `node` until it holds (the agents record a request once
+/// its response has been sent, which may be a moment after the client has read it).
+fn wait_for_metrics(node: &Node, what: &str, check: impl Fn(&Scrape) -> bool) -> Result<Scrape> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scraped = scrape(node)?;
+        if check(&scraped) {
+            return Ok(scraped);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not seen on node {}",
+            node.name
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_count_requests_and_bytes_exactly_for_both_reporters() -> Result<()> {
+    const REQUESTS: usize = 7;
+    const BODY_BYTES: usize = 1234;
+    let (lab, mesh) = metrics_lab("obsmet")?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let (node_a, node_b) = (lab.node("a")?, lab.node("b")?);
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let _api = App::serve(APP, b1, "api-answer", &[])?;
+    let echo_port = 7300;
+    let _echo = App::start(
+        APP,
+        b1,
+        &["echo", "--listen", &format!("0.0.0.0:{echo_port}")],
+        echo_port,
+    )?;
+
+    let body = lab.dir.join("body.bin");
+    fs::write(&body, vec![b'x'; BODY_BYTES])?;
+    let mut response_bytes = 0;
+    for _ in 0..REQUESTS {
+        let out = a1
+            .command("curl")?
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download}",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("http://{API_VIP}/items"))
+            .output()?;
+        let written = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (code, size) = written.split_once(' ').context("curl -w output")?;
+        ensure!(code == "200", "request answered {written}");
+        response_bytes += size.parse::<u64>()?;
+    }
+    // An L4 connection straight to the pod, echoed: as many bytes back as sent.
+    let raw = load_raw(a1, &format!("{}:{echo_port}", b1.ip), 50_000)?;
+    ensure!(raw["equal"] == true, "echo: {raw}");
+
+    let request = |reporter: &'static str| {
+        vec![
+            ("reporter", reporter),
+            ("source_workload", "a1"),
+            ("source_workload_namespace", "lab"),
+            ("destination_workload", "b1"),
+            ("destination_service", "api.lab.svc.cluster.local"),
+            ("request_protocol", "http"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    let tcp = |reporter: &'static str| {
+        vec![
+            ("reporter", reporter),
+            ("source_workload", "a1"),
+            ("destination_workload", "b1"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "mutual_tls"),
+        ]
+    };
+    let principal_a1 = spiffe_id(TRUST_DOMAIN, "lab", "sa-a1");
+    for (node, reporter) in [(node_a, "source"), (node_b, "destination")] {
+        let labels = request(reporter);
+        let scraped = wait_for_metrics(node, "all requests and the closed connection", |s| {
+            metric(s, "istio_requests_total", &labels) >= REQUESTS as f64
+                && metric(s, "istio_tcp_connections_closed_total", &tcp(reporter)) >= 1.0
+        })?;
+        let count = |name: &str| metric(&scraped, name, &labels);
+        ensure!(
+            count("istio_requests_total") == REQUESTS as f64,
+            "{reporter}: {} requests",
+            count("istio_requests_total")
+        );
+        ensure!(
+            metric(
+                &scraped,
+                "istio_requests_total",
+                &[("source_principal", &principal_a1), ("reporter", reporter)]
+            ) == REQUESTS as f64,
+            "{reporter}: source_principal is not a1's identity"
+        );
+        ensure!(count("istio_request_duration_milliseconds_count") == REQUESTS as f64);
+        ensure!(
+            count("istio_request_bytes_sum") == (REQUESTS * BODY_BYTES) as f64,
+            "{reporter}: request bytes {}",
+            count("istio_request_bytes_sum")
+        );
+        ensure!(
+            count("istio_response_bytes_sum") == response_bytes as f64,
+            "{reporter}: response bytes {} != {response_bytes}",
+            count("istio_response_bytes_sum")
+        );
+        let tcp = tcp(reporter);
+        let flows = |name: &str| metric(&scraped, name, &tcp);
+        ensure!(
+            flows("istio_tcp_connections_opened_total") == 1.0,
+            "{reporter}: opened"
+        );
+        ensure!(
+            flows("istio_tcp_connections_closed_total") == 1.0,
+            "{reporter}: closed"
+        );
+        ensure!(
+            flows("istio_tcp_received_bytes_total") == 50_000.0
+                && flows("istio_tcp_sent_bytes_total") == 50_000.0,
+            "{reporter}: tcp bytes received {} sent {}",
+            flows("istio_tcp_received_bytes_total"),
+            flows("istio_tcp_sent_bytes_total")
+        );
+        ensure!(
+            metric(&scraped, "weft_build_info", &[]) == 1.0
+                && metric(&scraped, "weft_pods", &[("state", "enrolled")]) == 1.0,
+            "{reporter}: weft families missing"
+        );
+    }
+    let client = scrape(node_a)?;
+    ensure!(
+        metric(
+            &client,
+            "weft_ebpf_events_total",
+            &[("event", "redirected")]
+        ) >= (REQUESTS + 1) as f64,
+        "eBPF redirects not counted"
+    );
+    ensure!(
+        metric(
+            &client,
+            "weft_tunnel_handshakes_total",
+            &[("role", "client"), ("result", "ok")]
+        ) >= 1.0
+            && metric(&client, "weft_tunnel_pool_connections", &[]) >= 1.0,
+        "tunnel families missing"
+    );
+    ensure!(
+        metric(
+            &client,
+            "weft_certificate_expiry_timestamp_seconds",
+            &[("identity", &principal_a1)]
+        ) > (SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as f64),
+        "a1's certificate expiry missing or in the past"
+    );
+
+    // The server's agent logged every request, with the trace it was given.
+    let logged = access_lines(&agents[1], |line| {
+        line["kind"] == "request" && line["destination_service"] == "api.lab.svc.cluster.local"
+    });
+    ensure!(logged.len() == REQUESTS, "{} request lines", logged.len());
+    for line in &logged {
+        ensure!(
+            line["status"] == 200
+                && line["bytes_received"] == BODY_BYTES
+                && line["source"]["principal"] == principal_a1.as_str()
+                && line["trace_id"].as_str().is_some_and(|t| t.len() == 32),
+            "access line {line}"
+        );
+    }
+    Ok(())
+}
+
+/// `weft-testapp raw` from `pod`: `bytes` sent to `addr` and read back.
+fn load_raw(pod: &Pod, addr: &str, bytes: usize) -> Result<Value> {
+    let out = pod
+        .command(APP)?
+        .args(["raw", "--addr", addr, "--bytes", &bytes.to_string()])
+        .output()
+        .context("running weft-testapp raw")?;
+    serde_json::from_slice(&out.stdout).context("raw printed no JSON")
+}
+
+/// The access-log lines (JSON on the agent's stdout) that `keep` selects.
+fn access_lines(agent: &Agent, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
+    agent
+        .log()
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| keep(line))
+        .collect()
+}
+
+#[test]
+fn tcp_byte_counters_move_while_a_long_connection_is_open() -> Result<()> {
+    const STREAM_SECONDS: u64 = 66;
+    const SCRAPE_EVERY: Duration = Duration::from_secs(10);
+    let (lab, mesh) = metrics_lab("obsstr")?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let node_a = lab.node("a")?;
+    let _agents = start_meshed_agents(&lab, &mesh)?;
+    let port = 7400;
+    // A server that streams 1 KiB every 100 ms for a minute and more, then closes.
+    let listener = listen_in(b1, SocketAddr::from(([0, 0, 0, 0], port)))?;
+    thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let end = Instant::now() + Duration::from_secs(STREAM_SECONDS);
+            while Instant::now() < end && stream.write_all(&[b'z'; 1024]).is_ok() {
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    let mut reader = a1
+        .command("bash")?
+        .args([
+            "-c",
+            &format!("exec 3<>/dev/tcp/{}/{port}; cat <&3 >/dev/null", b1.ip),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the reader in a1")?;
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "a1"),
+        ("destination_workload", "b1"),
+        ("response_flags", "-"),
+    ];
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    // Six scrapes a minute into the stream, all before the server ends it.
+    while started.elapsed() + SCRAPE_EVERY < Duration::from_secs(STREAM_SECONDS - 3) {
+        thread::sleep(SCRAPE_EVERY);
+        let scraped = scrape(node_a)?;
+        let open = metric(&scraped, "istio_tcp_connections_opened_total", &labels)
+            - metric(&scraped, "istio_tcp_connections_closed_total", &labels);
+        let sent = metric(&scraped, "istio_tcp_sent_bytes_total", &labels);
+        ensure!(
+            open == 1.0,
+            "the connection is not open at {:?}",
+            started.elapsed()
+        );
+        seen.push(sent);
+    }
+    let _ = reader.kill();
+    let _ = reader.wait();
+    ensure!(seen.len() >= 5, "only {} scrapes", seen.len());
+    ensure!(
+        seen.windows(2).all(|w| w[1] > w[0]) && seen[0] > 0.0,
+        "sent bytes did not grow while open: {seen:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn graph_page_renders_the_lab_workloads_in_chromium() -> Result<()> {
+    let (lab, mesh) = metrics_lab("obsgra")?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let node_a = lab.node("a")?;
+    let _agents = start_meshed_agents(&lab, &mesh)?;
+    let _api = App::serve(APP, b1, "api", &[])?;
+    let summary = load_url(APP, a1, &format!("http://{API_VIP}/"), 200, 4, &[])?;
+    ensure!(summary["status"]["200"] == 200, "{summary}");
+
+    let graph: Value = serde_json::from_str(&admin(node_a, "GET", "/graph")?.body)?;
+    let edge = graph["edges"]
+        .as_array()
+        .and_then(|edges| {
+            edges
+                .iter()
+                .find(|e| e["source"] == "lab/a1" && e["destination"] == "lab/b1")
+        })
+        .with_context(|| format!("no a1 -> b1 edge in {graph}"))?;
+    ensure!(
+        edge["protocol"] == "http"
+            && edge["mtls"] == true
+            && edge["request_rate"].as_f64() > Some(0.0)
+            && edge["p99_ms"].as_f64().is_some(),
+        "edge {edge}"
+    );
+
+    let chromium = chromium::find()?;
+    let url = format!("http://{ADMIN_ADDR}/");
+    let dom = chromium::dump_dom(node_a.command(&chromium)?, &url)?;
+    for hook in [
+        r#"data-id="lab/a1""#,
+        r#"data-id="lab/b1""#,
+        r#"data-source="lab/a1" data-destination="lab/b1" data-protocol="http" data-mtls="true""#,
+    ] {
+        ensure!(dom.contains(hook), "the rendered page lacks {hook}:\n{dom}");
+    }
+    ensure!(
+        dom.contains(r#"<span id="error" role="alert"></span>"#),
+        "the page shows a fetch error:\n{dom}"
+    );
+    let artefacts = xtask::workspace_root().join("target/test-artifacts");
+    fs::create_dir_all(&artefacts)?;
+    let shot = artefacts.join("graph.png");
+    chromium::screenshot(node_a.command(&chromium)?, &url, &shot, (1280, 800))?;
+    ensure!(fs::metadata(&shot)?.len() > 1000, "empty screenshot");
+    Ok(())
+}
+
+#[test]
+fn a_policy_denial_is_audited_with_both_identities_and_the_policy() -> Result<()> {
+    let (lab, mut mesh) = metrics_lab("obsaud")?;
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    mesh.policies = format!(
+        "  - metadata: {{name: no-a1, namespace: lab}}\n    spec:\n      selector: {{matchLabels: {{app: api}}}}\n      action: DENY\n      rules:\n        - from: [{{source: {{principals: [\"{}\"]}}}}]\n",
+        spiffe_id(TRUST_DOMAIN, "lab", "sa-a1")
+    );
+    let agents = start_meshed_agents(&lab, &mesh)?;
+    let _api = App::serve(APP, b1, "api", &[])?;
+    let denied = curl(a1, &format!("http://{}:{APP_PORT}/", b1.ip))?;
+    ensure!(denied.exit_code != Some(0), "a1 was not denied: {denied:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let audit = loop {
+        let lines = access_lines(&agents[1], |line| line["policy"]["decision"] == "deny");
+        if let Some(line) = lines.into_iter().next() {
+            break line;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no audit line; log:\n{}",
+            agents[1].log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        audit["policy"]["policy"] == "lab/no-a1"
+            && audit["source"]["principal"] == spiffe_id(TRUST_DOMAIN, "lab", "sa-a1").as_str()
+            && audit["destination"]["principal"]
+                == spiffe_id(TRUST_DOMAIN, "lab", "sa-b1").as_str()
+            && audit["destination"]["workload"] == "b1"
+            && audit["reporter"] == "destination",
+        "audit line {audit}"
+    );
+    let scraped = scrape(lab.node("b")?)?;
+    ensure!(
+        metric(
+            &scraped,
+            "weft_policy_denials_total",
+            &[("destination_workload", "b1"), ("policy", "lab/no-a1")]
+        ) == 1.0,
+        "denial not counted"
     );
     Ok(())
 }

@@ -634,10 +634,15 @@ mod tests {
             }
             other => panic!("not a histogram: {other:?}"),
         }
-        assert!(text.contains("istio_request_bytes_sum{"));
-        assert!(
-            text.contains("} 60\n"),
-            "request bytes sum is exact:\n{text}"
+        assert_eq!(value(&scrape, "istio_request_bytes_sum", &request), 60.0);
+        assert_eq!(value(&scrape, "istio_response_bytes_sum", &request), 120.0);
+        assert_eq!(
+            value(
+                &scrape,
+                "istio_request_duration_milliseconds_count",
+                &request
+            ),
+            3.0
         );
         let tcp = [("reporter", "source"), ("response_flags", "-")];
         assert_eq!(

@@ -60,6 +60,8 @@ pub struct Mesh {
     pub ca_key: PathBuf,
     /// Extra lines of the `identity:` section, e.g. `  cert_lifetime_s: 4\n`.
     pub identity_extra: String,
+    /// Extra lines of the `agent:` section, e.g. `  metrics_addr: 0.0.0.0:15090\n`.
+    pub agent_extra: String,
     pub workloads: Vec<MeshWorkload>,
     /// The `policies:` list as YAML items (`  - metadata: ...`), or empty.
     pub policies: String,
@@ -89,6 +91,7 @@ impl Mesh {
             ca_cert,
             ca_key,
             identity_extra: String::new(),
+            agent_extra: String::new(),
             workloads,
             policies: String::new(),
             services: String::new(),
@@ -134,11 +137,12 @@ impl Mesh {
             })
             .collect();
         format!(
-            "agent:\n  cgroup_path: {}\n  admin_addr: {ADMIN_ADDR}\n  drain_timeout_ms: 3000\n  node_name: {}\n\
+            "agent:\n  cgroup_path: {}\n  admin_addr: {ADMIN_ADDR}\n  drain_timeout_ms: 3000\n  node_name: {}\n{}\
              identity:\n  trust_domain: {TRUST_DOMAIN}\n  ca_cert: {}\n  ca_key: {}\n{}\
              pods:{}\npeers:{}\npolicies:{}\nservices:{}\nroutes:{}\n",
             node.pods_cgroup.display(),
             node.name,
+            self.agent_extra,
             self.ca_cert.display(),
             self.ca_key.display(),
             self.identity_extra,
