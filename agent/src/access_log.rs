@@ -10,7 +10,7 @@
 //! are always logged whatever the sample rate: an auditor wants every one of them.
 use std::{
     fmt,
-    io::Write,
+    io::{self, Write},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -26,7 +26,6 @@ use tracing::warn;
 
 use crate::{
     config::AccessLogSettings,
-    policy,
     stats::{Peer, Reporter, Transport},
 };
 
@@ -35,6 +34,13 @@ const QUEUE_CAPACITY: usize = 8192;
 /// Bytes gathered before one write, when lines keep coming: batches writes under load without
 /// holding lines back under light load (a batch is written as soon as the queue is empty).
 const BATCH_BYTES: usize = 64 * 1024;
+/// Once it has caught up, the writer rests this long, so lines queued meanwhile do not wake it
+/// one by one: a wake-up per line cost the agent more CPU than the request it logs.
+const WRITE_PAUSE: Duration = Duration::from_millis(50);
+/// `WouldBlock` errors one batch may meet before the log gives up on its output.
+const MAX_BLOCKED_WRITES: u32 = 5;
+/// The wait before writing again after `WouldBlock`.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
 /// How long dropping the log waits for the writer to write what is queued: bounded, so that a
 /// stdout nobody reads cannot hang the agent's shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -177,21 +183,6 @@ impl Policy {
     }
 }
 
-impl From<&policy::Decision> for Policy {
-    fn from(decision: &policy::Decision) -> Self {
-        match decision {
-            policy::Decision::Allow => Self {
-                decision: Verdict::Allow,
-                policy: None,
-            },
-            policy::Decision::Deny { policy } => Self {
-                decision: Verdict::Deny,
-                policy: Some(policy.clone()),
-            },
-        }
-    }
-}
-
 fn opt_str<S: Serializer>(value: &Option<Arc<str>>, serializer: S) -> Result<S::Ok, S::Error> {
     value.as_deref().serialize(serializer)
 }
@@ -256,8 +247,8 @@ impl AccessLog {
         Self::to_writer(settings, std::io::stdout())
     }
 
-    /// Same, to any writer (tests, benchmarks).
-    pub fn to_writer(settings: &AccessLogSettings, writer: impl Write + Send + 'static) -> Self {
+    /// Same, to any writer (tests).
+    fn to_writer(settings: &AccessLogSettings, writer: impl Write + Send + 'static) -> Self {
         let counters = Arc::new(Counters::default());
         if !settings.enabled {
             return Self {
@@ -377,7 +368,7 @@ fn write_lines(lines: &Receiver<Box<AccessEntry>>, mut out: impl Write, counters
         if batch.is_empty() {
             continue;
         }
-        match out.write_all(&batch).and_then(|()| out.flush()) {
+        match write_batch(&mut out, &batch) {
             Ok(()) => {
                 counters.written.fetch_add(count, Relaxed);
             }
@@ -388,16 +379,45 @@ fn write_lines(lines: &Receiver<Box<AccessEntry>>, mut out: impl Write, counters
                 warn!(error = %err, "cannot write the access log; dropping its lines from now on");
             }
         }
+        // A full batch means more is waiting: write on. Otherwise the queue was empty.
+        let caught_up = batch.len() < BATCH_BYTES;
         batch.clear();
+        if caught_up {
+            std::thread::sleep(WRITE_PAUSE);
+        }
+    }
+}
+
+/// Writes and flushes `batch`, riding out transient errors: `Interrupted` is tried again at
+/// once, `WouldBlock` (a non-blocking stdout whose reader is behind) after a pause, a few times.
+/// Only what is left is written again, so no line is cut or doubled.
+fn write_batch(out: &mut impl Write, mut batch: &[u8]) -> io::Result<()> {
+    let mut blocked = 0;
+    loop {
+        let result = if batch.is_empty() {
+            out.flush().map(|()| 0)
+        } else {
+            out.write(batch)
+        };
+        match result {
+            Ok(0) if batch.is_empty() => return Ok(()),
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => batch = &batch[written..],
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock && blocked < MAX_BLOCKED_WRITES => {
+                blocked += 1;
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            Err(err) => return Err(err),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::{
-        io,
         net::{Ipv4Addr, SocketAddrV4},
-        sync::{Condvar, Mutex},
+        sync::{atomic::AtomicBool, Condvar, Mutex},
     };
 
     use serde_json::{json, Value};
@@ -469,6 +489,25 @@ mod tests {
         }
     }
 
+    /// Fails its first write with `Interrupted`, then writes to `out`.
+    #[derive(Clone, Default)]
+    struct Interrupted {
+        failed: Arc<AtomicBool>,
+        out: Shared,
+    }
+
+    impl Write for Interrupted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if !self.failed.swap(true, Relaxed) {
+                return Err(io::Error::from(io::ErrorKind::Interrupted));
+            }
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     fn settings(enabled: bool, sample_rate: f64) -> AccessLogSettings {
         AccessLogSettings {
             enabled,
@@ -508,9 +547,7 @@ mod tests {
             bytes_received: 120,
             bytes_sent: 4096,
             retries: 2,
-            policy: Policy::from(&policy::Decision::Deny {
-                policy: "lab/deny-web".to_owned(),
-            }),
+            policy: Policy::denied("lab/deny-web"),
             connection_security_policy: "mutual_tls",
             trace_id: Some(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c),
         }
@@ -534,7 +571,7 @@ mod tests {
             bytes_received: 0,
             bytes_sent: 0,
             retries: 0,
-            policy: Policy::from(&policy::Decision::Allow),
+            policy: Policy::allowed(),
             connection_security_policy: "none",
             trace_id: None,
         }
@@ -732,6 +769,22 @@ mod tests {
         assert_eq!((log.written(), log.dropped()), (0, 101));
         // A broken output is not tried again (nor warned about) for every later line.
         assert_eq!(broken.0.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn an_interrupted_write_is_tried_again() {
+        let writer = Interrupted::default();
+        let log = AccessLog::to_writer(&settings(true, 1.0), writer.clone());
+        for _ in 0..10 {
+            log.log(connection());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.written() + log.dropped() < 10 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(writer.failed.load(Relaxed));
+        assert_eq!((log.written(), log.dropped()), (10, 0));
+        assert_eq!(writer.out.lines().len(), 10);
     }
 
     #[test]

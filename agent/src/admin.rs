@@ -137,7 +137,15 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(routes(&state, &req)) }
+                async move {
+                    // Off the proxy's thread: a large /metrics takes milliseconds to render,
+                    // which would stall every connection of the node.
+                    let answer = tokio::task::spawn_blocking(move || routes(&state, &req)).await;
+                    Ok::<_, Infallible>(answer.unwrap_or_else(|err| {
+                        warn!(error = %err, "an admin request failed");
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n")
+                    }))
+                }
             });
             if let Err(err) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -2,7 +2,7 @@
 //! (requests and TCP flows), as rates over the last [`WINDOW`]: the totals now minus the totals
 //! of a sample taken about that long ago. The HTML page at `/` draws it.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{atomic::Ordering::Relaxed, Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -129,7 +129,7 @@ impl GraphHistory {
         };
         let mut workloads: BTreeMap<String, GraphWorkload> = local
             .iter()
-            .map(|peer| (peer.id(), graph_workload(peer, true)))
+            .map(|(id, peer)| (id.clone(), graph_workload(peer, true)))
             .collect();
         let mut edges = Vec::new();
         for (key, totals) in &now {
@@ -141,9 +141,11 @@ impl GraphHistory {
                 continue;
             }
             for peer in [&key.source, &key.destination] {
+                let id = peer.id();
+                let local = local.contains_key(&id);
                 workloads
-                    .entry(peer.id())
-                    .or_insert_with(|| graph_workload(peer, local.contains(peer)));
+                    .entry(id)
+                    .or_insert_with(|| graph_workload(peer, local));
             }
             let errors = totals.errors.saturating_sub(before.errors);
             let window_buckets: Vec<u64> = totals
@@ -212,20 +214,28 @@ fn graph_workload(peer: &Peer, local: bool) -> GraphWorkload {
     }
 }
 
-/// The workloads of the pods on this node.
-fn local_workloads(ctx: &ProxyContext) -> HashSet<Peer> {
+/// The workloads of the pods on this node, by id: a caller's principal depends on how it
+/// called (plaintext ones are `unknown`), so whole peers would not match.
+fn local_workloads(ctx: &ProxyContext) -> HashMap<String, Peer> {
     crate::read(&ctx.local_pods)
         .values()
-        .map(|pod| pod.peer.clone())
+        .map(|pod| (pod.peer.id(), pod.peer.clone()))
         .collect()
+}
+
+/// gRPC statuses that mean the server failed (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL,
+/// UNAVAILABLE), not that the caller asked for something it may not have.
+fn grpc_failed(status: &str) -> bool {
+    matches!(status, "2" | "4" | "13" | "14")
 }
 
 /// Every edge's totals so far. A request between two local pods is counted by both ends;
 /// the destination's count is used only for callers from elsewhere.
-fn totals(stats: &Stats, local: &HashSet<Peer>) -> HashMap<EdgeKey, Totals> {
+fn totals(stats: &Stats, local: &HashMap<String, Peer>) -> HashMap<EdgeKey, Totals> {
     let mut edges: HashMap<EdgeKey, Totals> = HashMap::new();
-    let counted_here =
-        |reporter: Reporter, source: &Peer| reporter == Reporter::Source || !local.contains(source);
+    let counted_here = |reporter: Reporter, source: &Peer| {
+        reporter == Reporter::Source || !local.contains_key(&source.id())
+    };
     for (key, series) in stats.requests.entries() {
         if !counted_here(key.reporter, &key.source) {
             continue;
@@ -240,7 +250,7 @@ fn totals(stats: &Stats, local: &HashSet<Peer>) -> HashMap<EdgeKey, Totals> {
         let totals = edges.entry(edge).or_default();
         let requests = series.requests.load(Relaxed);
         totals.requests += requests;
-        if key.response_code >= 500 {
+        if key.response_code >= 500 || grpc_failed(key.grpc_status) {
             totals.errors += requests;
         }
         let (cumulative, _) = series.duration_ms.snapshot();
@@ -307,6 +317,56 @@ fn quantile(q: f64, buckets: &[u64], bounds: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::RequestKey;
+
+    fn request(
+        reporter: Reporter,
+        source: &Peer,
+        code: u16,
+        grpc_status: &'static str,
+    ) -> RequestKey {
+        RequestKey {
+            reporter,
+            source: source.clone(),
+            destination: Peer::new("api", "lab", Some("spiffe://td/ns/lab/sa/api".to_owned())),
+            service: "api.lab.svc.cluster.local".into(),
+            protocol: if grpc_status.is_empty() {
+                "http"
+            } else {
+                "grpc"
+            },
+            response_code: code,
+            response_flags: "-",
+            transport: Transport::Plaintext,
+            grpc_status,
+        }
+    }
+
+    #[test]
+    fn local_plaintext_callers_are_counted_once_and_grpc_failures_are_errors() {
+        let web = Peer::new("web", "lab", Some("spiffe://td/ns/lab/sa/web".to_owned()));
+        let plaintext_web = Peer {
+            principal: UNKNOWN.into(),
+            ..web.clone()
+        };
+        let local = HashMap::from([(web.id(), web.clone())]);
+        let stats = Stats::default();
+        let keys = [
+            request(Reporter::Source, &plaintext_web, 200, "14"),
+            request(Reporter::Source, &plaintext_web, 200, "5"),
+            request(Reporter::Source, &plaintext_web, 503, ""),
+            // The same requests as the destination saw them: already counted by the source.
+            request(Reporter::Destination, &plaintext_web, 200, "14"),
+            request(Reporter::Destination, &plaintext_web, 503, ""),
+        ];
+        for key in &keys {
+            stats.request(key).requests.fetch_add(1, Relaxed);
+        }
+        let edges = totals(&stats, &local);
+        assert_eq!(edges.len(), 1);
+        let totals = edges.values().next().unwrap();
+        assert_eq!((totals.requests, totals.errors), (3, 2));
+    }
 
     #[test]
     fn quantiles_interpolate_within_the_bucket() {

@@ -213,6 +213,8 @@ pub struct Arrival {
     pub source_address: Option<SocketAddr>,
     /// Where the client was going: the workload's address and port.
     pub target: SocketAddrV4,
+    /// The service the target address serves, looked up once for every metric and log line.
+    pub service: Option<Arc<str>>,
     pub transport: Transport,
     pub started: Instant,
     pub start_time: SystemTime,
@@ -225,15 +227,8 @@ impl Arrival {
         if !ctx.access_log.wants(false) {
             return;
         }
-        let mut entry = AccessEntry::connection(
-            Reporter::Destination,
-            Party::of(&self.source, self.source_address),
-            Party::of(&self.workload.peer, Some(SocketAddr::V4(self.target))),
-            self.transport,
-            self.start_time,
-            self.started.elapsed(),
-        );
-        entry.destination_service = ctx.state.get().services.serving(self.target).cloned();
+        let mut entry = self.entry();
+        entry.destination_service = self.service.clone();
         entry.bytes_received = sent;
         entry.bytes_sent = received;
         entry.response_flags = flags;
@@ -251,16 +246,21 @@ impl Arrival {
         if !ctx.access_log.wants(true) {
             return;
         }
-        let mut entry = AccessEntry::connection(
+        let mut entry = self.entry();
+        entry.policy = Policy::denied(policy);
+        ctx.access_log.log(entry);
+    }
+
+    /// The connection's access-log line as far as every outcome shares it.
+    fn entry(&self) -> AccessEntry {
+        AccessEntry::connection(
             Reporter::Destination,
             Party::of(&self.source, self.source_address),
             Party::of(&self.workload.peer, Some(SocketAddr::V4(self.target))),
             self.transport,
             self.start_time,
             self.started.elapsed(),
-        );
-        entry.policy = Policy::denied(policy);
-        ctx.access_log.log(entry);
+        )
     }
 
     /// The counters of L4 connections from this source to the workload.
@@ -270,9 +270,8 @@ impl Arrival {
             source: self.source.clone(),
             transport: self.transport,
         };
-        ctx.stats.inbound_flow(&key, &self.workload.peer, || {
-            ctx.state.get().services.serving(self.target).cloned()
-        })
+        ctx.stats
+            .inbound_flow(&key, &self.workload.peer, || self.service.clone())
     }
 }
 
@@ -304,6 +303,7 @@ async fn open_stream(
         source: source_peer,
         source_address: Some(source.map_or(peer, SocketAddr::V4)),
         target,
+        service: state.services.serving(target).cloned(),
         transport: Transport::Mtls,
         started,
         start_time,
@@ -450,6 +450,7 @@ async fn serve_plaintext(
         source,
         source_address: Some(SocketAddr::V4(peer)),
         target,
+        service: state.services.serving(target).cloned(),
         transport: Transport::Plaintext,
         started: Instant::now(),
         start_time: SystemTime::now(),
@@ -512,7 +513,9 @@ async fn serve_plaintext(
             }
             Err(err) => {
                 debug!(pod = %arrival.workload.id, error = %err, "plaintext connection failed during protocol detection");
+                arrival.flow(ctx).failed.fetch_add(1, Relaxed);
                 let _ = app.set_zero_linger();
+                arrival.log(ctx, 0, 0, "DC");
                 return;
             }
         }

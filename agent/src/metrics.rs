@@ -21,13 +21,15 @@ use crate::{
     lock,
     proxy::ProxyContext,
     stats::{
-        Flow, Histogram as Buckets, Peer, Reporter, RequestKey, ServiceCounters, Stats, Transport,
-        UNKNOWN,
+        FlowCounters, FlowLabels, Histogram as Buckets, Peer, Reporter, RequestKey,
+        ServiceCounters, Stats, Transport, UNKNOWN,
     },
 };
 
 /// The content type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The cluster name Istio uses when none is configured.
+const CLUSTER: &str = "Kubernetes";
 /// How often series of workloads that left are looked for.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -87,17 +89,33 @@ fn istio_labels(
         (Some(name), Some(namespace)) => (name, namespace),
         _ => (UNKNOWN, UNKNOWN),
     };
+    // Kiali groups by canonical service and cluster: without Kubernetes' canonical-name
+    // labels the workload stands for its service, at Istio's default revision and cluster.
+    let revision = |peer: &Peer| if peer.is_unknown() { UNKNOWN } else { "latest" };
+    let cluster = |peer: &Peer| if peer.is_unknown() { UNKNOWN } else { CLUSTER };
     vec![
         ("reporter", reporter.as_str().to_owned()),
         ("source_workload", source.workload.to_string()),
         ("source_workload_namespace", source.namespace.to_string()),
         ("source_principal", source.principal.to_string()),
+        ("source_canonical_service", source.workload.to_string()),
+        ("source_canonical_revision", revision(source).to_owned()),
+        ("source_cluster", cluster(source).to_owned()),
         ("destination_workload", destination.workload.to_string()),
         (
             "destination_workload_namespace",
             destination.namespace.to_string(),
         ),
         ("destination_principal", destination.principal.to_string()),
+        (
+            "destination_canonical_service",
+            destination.workload.to_string(),
+        ),
+        (
+            "destination_canonical_revision",
+            revision(destination).to_owned(),
+        ),
+        ("destination_cluster", cluster(destination).to_owned()),
         ("destination_service", service.to_owned()),
         ("destination_service_name", service_name.to_owned()),
         (
@@ -135,14 +153,14 @@ fn istio_families(stats: &Stats) -> Vec<MetricFamily> {
 
     // Several flows (pods of one workload, endpoints of one service) share a label set.
     let mut tcp: BTreeMap<Vec<(&'static str, String)>, [u64; 4]> = BTreeMap::new();
-    let mut add = |reporter: Reporter, flow: &Flow| {
+    let mut add = |labels: &FlowLabels, flow: &FlowCounters| {
         let base = istio_labels(
-            reporter,
-            &flow.source,
-            &flow.destination,
-            flow.service.as_deref(),
+            labels.reporter,
+            &labels.source,
+            &labels.destination,
+            labels.service.as_deref(),
             "tcp",
-            flow.transport,
+            labels.transport,
         );
         let failed = flow.failed.load(Relaxed);
         let mut relayed = base.clone();
@@ -163,10 +181,16 @@ fn istio_families(stats: &Stats) -> Vec<MetricFamily> {
         }
     };
     for (_, flow) in stats.flows.entries() {
-        add(Reporter::Source, &flow);
+        add(&FlowLabels::of(Reporter::Source, &flow), &flow.counters);
     }
     for (_, flow) in stats.inbound_flows.entries() {
-        add(Reporter::Destination, &flow);
+        add(
+            &FlowLabels::of(Reporter::Destination, &flow),
+            &flow.counters,
+        );
+    }
+    for (labels, totals) in stats.retired_flows.entries() {
+        add(&labels, &totals);
     }
     let mut opened = Family::counter(
         "istio_tcp_connections_opened_total",
@@ -215,6 +239,7 @@ fn request_labels(key: &RequestKey) -> Vec<(&'static str, String)> {
         key.transport,
     );
     labels.push(("response_code", key.response_code.to_string()));
+    labels.push(("grpc_response_status", key.grpc_status.to_owned()));
     labels.push(("response_flags", key.response_flags.to_owned()));
     labels
 }
@@ -576,6 +601,7 @@ mod tests {
             service: "api.shop.svc.cluster.local".into(),
             protocol: "http",
             response_code: 200,
+            grpc_status: "",
             response_flags: "-",
             transport: Transport::Mtls,
         };

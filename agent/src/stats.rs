@@ -78,6 +78,18 @@ pub struct FlowCounters {
 }
 
 impl FlowCounters {
+    fn add(&self, other: &FlowCounters) {
+        for (total, part) in [
+            (&self.opened, &other.opened),
+            (&self.closed, &other.closed),
+            (&self.failed, &other.failed),
+            (&self.bytes_sent, &other.bytes_sent),
+            (&self.bytes_received, &other.bytes_received),
+        ] {
+            total.fetch_add(part.load(Relaxed), Relaxed);
+        }
+    }
+
     fn activity(&self) -> (u64, bool) {
         let opened = self.opened.load(Relaxed);
         let closed = self.closed.load(Relaxed);
@@ -170,6 +182,8 @@ pub struct RequestKey {
     /// `http` or `grpc`.
     pub protocol: &'static str,
     pub response_code: u16,
+    /// `grpc-status` of gRPC answers, else empty.
+    pub grpc_status: &'static str,
     /// Envoy-style response flags (see `metrics`), `-` when none.
     pub response_flags: &'static str,
     pub transport: Transport,
@@ -333,6 +347,18 @@ impl<K: Eq + Hash + Clone, V> SeriesMap<K, V> {
         stale: impl Fn(&K, &V) -> bool,
         activity: impl Fn(&V) -> (u64, bool),
     ) -> usize {
+        self.expire_into(now, idle, stale, activity, |_, _| {})
+    }
+
+    /// [`expire`](Self::expire), handing each dropped series to `dropped`.
+    fn expire_into(
+        &self,
+        now: Instant,
+        idle: Duration,
+        stale: impl Fn(&K, &V) -> bool,
+        activity: impl Fn(&V) -> (u64, bool),
+        mut dropped: impl FnMut(&K, &V),
+    ) -> usize {
         let mut entries = lock(&self.entries);
         let before = entries.len();
         entries.retain(|key, entry| {
@@ -342,7 +368,11 @@ impl<K: Eq + Hash + Clone, V> SeriesMap<K, V> {
                 entry.quiet_since = now;
                 return true;
             }
-            !(stale(key, &entry.value) && now.duration_since(entry.quiet_since) >= idle)
+            let keep = !(stale(key, &entry.value) && now.duration_since(entry.quiet_since) >= idle);
+            if !keep {
+                dropped(key, &entry.value);
+            }
+            keep
         });
         before - entries.len()
     }
@@ -356,6 +386,28 @@ pub struct FlowKey {
     pub destination: SocketAddrV4,
     pub transport: Transport,
     pub service: Option<Arc<str>>,
+}
+
+/// The labels a flow is counted under in the Istio TCP families.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FlowLabels {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    pub service: Option<Arc<str>>,
+    pub transport: Transport,
+}
+
+impl FlowLabels {
+    pub fn of(reporter: Reporter, flow: &Flow) -> Self {
+        Self {
+            reporter,
+            source: flow.source.clone(),
+            destination: flow.destination.clone(),
+            service: flow.service.clone(),
+            transport: flow.transport,
+        }
+    }
 }
 
 /// Connections arriving at a local pod from one source.
@@ -482,6 +534,9 @@ pub struct Stats {
     /// HTTP requests, as either agent sees them.
     pub requests: SeriesMap<RequestKey, RequestSeries>,
     pub denials: SeriesMap<DenialKey, AtomicU64>,
+    /// Totals of flows dropped once quiet, by the labels they were counted under: what
+    /// `/metrics` reports for a label set must not go down while other flows of it remain.
+    pub retired_flows: SeriesMap<FlowLabels, FlowCounters>,
     services: Mutex<HashMap<String, Arc<ServiceCounters>>>,
     inbound: SeriesMap<PodId, InboundCounters>,
     pub tunnels: TunnelCounters,
@@ -561,31 +616,42 @@ impl Stats {
             !peer.is_unknown() && !workloads.contains(&(&*peer.namespace, &*peer.workload))
         };
         lock(&self.services).retain(|id, _| mesh.services.has_port(id));
-        let flow_gone = |flow: &Flow| gone(&flow.source) || gone(&flow.destination);
+        // Flows (one per pod and address) go once quiet, whoever they belong to; their totals
+        // live on per label set until a workload of it leaves.
         let flow_activity = |flow: &Flow| flow.counters.activity();
-        self.flows
-            .expire(now, idle, |_, flow| flow_gone(flow), flow_activity)
-            + self
-                .inbound_flows
-                .expire(now, idle, |_, flow| flow_gone(flow), flow_activity)
-            + self.requests.expire(
-                now,
-                idle,
-                |key, _| gone(&key.source) || gone(&key.destination),
-                |series| (series.requests.load(Relaxed), false),
-            )
-            + self.denials.expire(
-                now,
-                idle,
-                |key, _| gone(&key.destination),
-                |count| (count.load(Relaxed), false),
-            )
-            + self.inbound.expire(
-                now,
-                idle,
-                |pod, _| !pods.contains(pod),
-                |counters| (counters.total(), false),
-            )
+        self.flows.expire_into(
+            now,
+            idle,
+            |_, _| true,
+            flow_activity,
+            |_, flow| self.retire(Reporter::Source, flow),
+        ) + self.inbound_flows.expire_into(
+            now,
+            idle,
+            |_, _| true,
+            flow_activity,
+            |_, flow| self.retire(Reporter::Destination, flow),
+        ) + self.retired_flows.expire(
+            now,
+            idle,
+            |labels, _| gone(&labels.source) || gone(&labels.destination),
+            |_| (0, false),
+        ) + self.requests.expire(
+            now,
+            idle,
+            |key, _| gone(&key.source) || gone(&key.destination),
+            |series| (series.requests.load(Relaxed), false),
+        ) + self.denials.expire(
+            now,
+            idle,
+            |key, _| gone(&key.destination),
+            |count| (count.load(Relaxed), false),
+        ) + self.inbound.expire(
+            now,
+            idle,
+            |pod, _| !pods.contains(pod),
+            |counters| (counters.total(), false),
+        )
     }
 
     /// Counters of the service port `id` (`namespace/name:port`).
@@ -595,6 +661,14 @@ impl Stats {
             return Arc::clone(counters);
         }
         Arc::clone(services.entry(id.to_owned()).or_default())
+    }
+
+    /// Keeps the totals of a flow being dropped under its labels.
+    fn retire(&self, reporter: Reporter, flow: &Flow) {
+        let labels = FlowLabels::of(reporter, flow);
+        self.retired_flows
+            .get_or_insert_with(&labels, FlowCounters::default)
+            .add(&flow.counters);
     }
 
     pub fn services_snapshot(&self) -> serde_json::Value {
@@ -743,6 +817,7 @@ mod tests {
         );
         open.opened.fetch_add(1, Relaxed);
         present.opened.fetch_add(1, Relaxed);
+        present.closed.fetch_add(1, Relaxed);
         departed.opened.fetch_add(1, Relaxed);
         departed.closed.fetch_add(1, Relaxed);
         let idle = Duration::from_secs(60);
@@ -750,18 +825,25 @@ mod tests {
         // The first sweep sees the counts move; nothing goes.
         assert_eq!(stats.expire(start, idle, &mesh), 0);
         assert_eq!(stats.expire(start + idle / 2, idle, &mesh), 0);
-        // Quiet for `idle`: the flow to the departed workload goes; the present workload's
-        // flow and the connection still open stay.
-        assert_eq!(stats.expire(start + idle, idle, &mesh), 1);
-        assert_eq!(stats.flows.count(), 2);
-        assert!(stats
-            .flows
-            .entries()
-            .iter()
-            .all(|(_, flow)| flow.destination != peer("gone")));
-        // Traffic again restarts the clock.
+        // Quiet for `idle`: both finished flows go, their totals kept per label set; the
+        // connection still open stays.
+        assert_eq!(stats.expire(start + idle, idle, &mesh), 2);
+        assert_eq!(stats.flows.count(), 1);
+        let retired = stats.retired_flows.entries();
+        assert_eq!(retired.len(), 2);
+        assert!(retired.iter().all(
+            |(labels, totals)| labels.source == peer("web") && totals.opened.load(Relaxed) == 1
+        ));
+        // The totals of the departed workload go once quiet; those of the one still in the
+        // mesh (calling outside it) stay. Traffic on the open connection keeps it.
         open.closed.fetch_add(1, Relaxed);
-        assert_eq!(stats.expire(start + idle * 2, idle, &mesh), 0);
-        assert_eq!(stats.expire(start + idle * 3, idle, &mesh), 1);
+        assert_eq!(stats.expire(start + idle * 2, idle, &mesh), 1);
+        let retired = stats.retired_flows.entries();
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].0.destination, Peer::unknown());
+        // The last flow goes, and with it (its source having left) its totals.
+        assert_eq!(stats.expire(start + idle * 3, idle, &mesh), 2);
+        assert_eq!(stats.flows.count(), 0);
+        assert_eq!(stats.retired_flows.count(), 1);
     }
 }

@@ -102,6 +102,10 @@ pub struct BenchArgs {
     pub skip_l4: bool,
     #[command(flatten)]
     pub http: HttpBenchArgs,
+    /// Only measure what metrics and the access log cost (its own lab; writes
+    /// bench/OBSERVABILITY.md).
+    #[arg(long)]
+    pub observability: bool,
 }
 
 impl BenchArgs {
@@ -280,6 +284,9 @@ struct Measured {
 /// Runs the benchmark in its own lab, prints the results and writes them to bench/RESULTS.md.
 /// Expects root and a built agent.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.observability {
+        return crate::bench_obs::run();
+    }
     ensure!(
         !(args.skip_l4 && args.http.skip_http),
         "--skip-l4 and --skip-http together leave nothing to measure"
@@ -306,7 +313,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 /// The echo server and load client run from an optimized build of this crate, so that the
 /// client's own overhead does not blur the latencies it measures.
-fn build_tools() -> Result<PathBuf> {
+pub(crate) fn build_tools() -> Result<PathBuf> {
     crate::run(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--release",
@@ -1280,7 +1287,7 @@ fn render_l4(args: &BenchArgs, m: &Measured, out: &mut String) {
     }
 }
 
-fn date() -> Result<String> {
+pub(crate) fn date() -> Result<String> {
     let out = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -1289,7 +1296,7 @@ fn date() -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn machine() -> Result<String> {
+pub(crate) fn machine() -> Result<String> {
     let cpus = std::thread::available_parallelism().context("counting CPUs")?;
     let kernel =
         fs::read_to_string("/proc/sys/kernel/osrelease").context("reading the kernel release")?;

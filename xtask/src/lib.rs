@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bench;
 pub mod bench_http;
+pub mod bench_obs;
 pub mod chromium;
 pub mod lab;
 pub mod pki;

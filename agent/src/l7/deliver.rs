@@ -40,9 +40,9 @@ use super::{
         agent_reply, grpc_shaped, is_failure, is_grpc, splice_upgraded, strip_hop_by_hop,
         until_finished, ProxyBody, LOCAL_REPLY,
     },
-    observe::{flags, CountedBody, RequestBytes, RequestRecord},
+    observe::{flags, CountedBody, PendingRecord, RequestBytes, RequestRecord},
     retry::RETRIES_EXHAUSTED,
-    trace::trace_id,
+    trace::ensure_trace,
 };
 use crate::{
     inbound::Arrival,
@@ -118,7 +118,7 @@ where
     let connection = Arc::new(connection);
     let service_ctx = Arc::clone(&ctx);
     let arrival = Arc::new(arrival);
-    let service = service_fn(move |request| {
+    let service = service_fn(move |mut request: Request<Incoming>| {
         let (ctx, arrival, connection) = (
             Arc::clone(&service_ctx),
             Arc::clone(&arrival),
@@ -133,30 +133,16 @@ where
                 request.uri().clone(),
             );
             let host = request.headers().get(http::header::HOST).cloned();
-            let trace_id = trace_id(request.headers());
+            // A request from outside the mesh may come without a trace: it starts here.
+            let trace_id = Some(ensure_trace(request.headers_mut()));
             let (request, request_bytes) = {
                 let (parts, body) = request.into_parts();
                 let (body, count) = CountedBody::new(body);
                 (Request::from_parts(parts, body), count)
             };
-            let (mut response, flags) = deliver(&ctx, &arrival, &connection, request).await;
-            if grpc && client_facing {
-                response = grpc_shaped(response);
-            } else if grpc && response.headers().contains_key(LOCAL_REPLY) {
-                // The source agent reads gRPC errors from an HTTP status in a gRPC answer.
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/grpc"),
-                );
-            }
-            let service = ctx
-                .state
-                .get()
-                .services
-                .serving(arrival.target)
-                .cloned()
-                .unwrap_or_else(|| UNKNOWN.into());
-            let record = RequestRecord {
+            let service = arrival.service.clone().unwrap_or_else(|| UNKNOWN.into());
+            // Recorded even if the client goes away before the answer (status 0, `DC`).
+            let mut pending = PendingRecord::new(RequestRecord {
                 ctx: Arc::clone(&ctx),
                 reporter: Reporter::Destination,
                 source: arrival.source.clone(),
@@ -174,11 +160,26 @@ where
                 started,
                 start_time,
                 request_bytes: RequestBytes::Counted(request_bytes),
-                status: response.status().as_u16(),
-                flags,
+                status: 0,
+                grpc_status: "",
+                flags: flags::NONE,
                 retries: 0,
-            };
-            Ok::<_, Infallible>(record.observe(response))
+            });
+            let (mut response, flags) =
+                deliver(&ctx, &arrival, &connection, request, trace_id).await;
+            if grpc && client_facing {
+                response = grpc_shaped(response);
+            } else if grpc && response.headers().contains_key(LOCAL_REPLY) {
+                // The source agent reads gRPC errors from an HTTP status in a gRPC answer.
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+            }
+            if let Some(record) = pending.record_mut() {
+                record.flags = flags;
+            }
+            Ok::<_, Infallible>(pending.respond(response))
         }
     });
     let stream = TokioIo::new(stream);
@@ -201,6 +202,7 @@ async fn deliver(
     arrival: &Arrival,
     app: &AppConnection,
     mut request: Request<AppBody>,
+    trace: Option<u128>,
 ) -> (Response<ProxyBody>, &'static str) {
     let pod = &arrival.workload.id;
     arrival.counters.http_requests.fetch_add(1, Relaxed);
@@ -220,7 +222,6 @@ async fn deliver(
             return (reply, flags::BAD_REQUEST);
         }
     }
-    let trace = trace_id(request.headers());
     // A protocol switch (WebSocket from a client outside the mesh): once the app agrees, both
     // connections are handed over and spliced.
     let client_side = request

@@ -32,7 +32,7 @@ use super::{
     body::{RecordedBody, UpstreamBody},
     deadline::{request_deadline, set_deadline},
     detect::{Prefixed, Protocol},
-    observe::{flags, RequestBytes, RequestRecord},
+    observe::{flags, PendingRecord, RequestBytes, RequestRecord},
     pool::SendError,
     retry::{Outcome, RETRIES_EXHAUSTED},
     service::{CompiledRule, ServiceBackend, ServicePortEntry},
@@ -151,6 +151,30 @@ async fn handle(
         request.uri().clone(),
     );
     let host = request.headers().get(header::HOST).cloned();
+    // Recorded even if the client goes away before the answer (status 0, `DC`).
+    let mut pending = PendingRecord::new(RequestRecord {
+        ctx: Arc::clone(ctx),
+        reporter: Reporter::Source,
+        source: pod.peer.clone(),
+        source_address: client_address,
+        destination: Peer::unknown(),
+        destination_address: None,
+        service: Arc::clone(&entry.backend.host),
+        transport: Transport::Plaintext,
+        grpc,
+        version,
+        method,
+        uri,
+        host,
+        trace_id: None,
+        started,
+        start_time,
+        request_bytes: RequestBytes::Unread,
+        status: 0,
+        grpc_status: "",
+        flags: flags::NONE,
+        retries: 0,
+    });
     let mut served = Served {
         service: Arc::clone(&entry.backend.host),
         endpoint: None,
@@ -164,33 +188,19 @@ async fn handle(
     if grpc {
         response = grpc_shaped(response);
     }
-    let destination = match served.endpoint {
-        Some(endpoint) => ctx.state.get().peer_at(*endpoint.ip()),
-        None => Peer::unknown(),
-    };
-    let record = RequestRecord {
-        ctx: Arc::clone(ctx),
-        reporter: Reporter::Source,
-        source: pod.peer.clone(),
-        source_address: client_address,
-        destination,
-        destination_address: served.endpoint.map(SocketAddr::V4),
-        service: served.service,
-        transport: served.transport,
-        grpc,
-        version,
-        method,
-        uri,
-        host,
-        trace_id: served.trace_id,
-        started,
-        start_time,
-        request_bytes: served.request_bytes,
-        status: response.status().as_u16(),
-        flags: served.flags,
-        retries: served.retries,
-    };
-    record.observe(response)
+    if let Some(record) = pending.record_mut() {
+        if let Some(endpoint) = served.endpoint {
+            record.destination = ctx.state.get().peer_at(*endpoint.ip());
+            record.destination_address = Some(SocketAddr::V4(endpoint));
+        }
+        record.service = served.service;
+        record.transport = served.transport;
+        record.trace_id = served.trace_id;
+        record.request_bytes = served.request_bytes;
+        record.flags = served.flags;
+        record.retries = served.retries;
+    }
+    pending.respond(response)
 }
 
 /// How a request was served, for its record.

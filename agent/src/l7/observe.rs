@@ -99,15 +99,21 @@ pub struct RequestRecord {
     pub started: Instant,
     pub start_time: SystemTime,
     pub request_bytes: RequestBytes,
-    /// Filled in once the response is known.
+    /// Filled in once the response is known: 0 until then.
     pub status: u16,
+    /// `grpc-status` of a gRPC answer (from its headers or trailers), else empty.
+    pub grpc_status: &'static str,
     pub flags: &'static str,
     pub retries: u32,
 }
 
 impl RequestRecord {
     /// The response as sent to the client, recorded when its body ends or is dropped.
-    pub fn observe(self, response: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+    fn observe(mut self, response: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+        self.status = response.status().as_u16();
+        if let Some(code) = response.headers().get(GRPC_STATUS) {
+            self.grpc_status = grpc_code(code);
+        }
         response.map(|body| {
             ObservedBody {
                 inner: body,
@@ -118,11 +124,13 @@ impl RequestRecord {
         })
     }
 
-    fn finish(self, response_bytes: u64, completed: bool) {
-        let flags = if !completed && self.flags == flags::NONE {
-            flags::CLIENT_DISCONNECTED
-        } else {
-            self.flags
+    /// Records the request; `ended` says how its response body ended.
+    fn finish(self, response_bytes: u64, ended: Ending) {
+        let flags = match ended {
+            _ if self.flags != flags::NONE => self.flags,
+            Ending::Complete => flags::NONE,
+            Ending::UpstreamFailed => flags::UPSTREAM_RESET,
+            Ending::ClientGone => flags::CLIENT_DISCONNECTED,
         };
         let duration = self.started.elapsed();
         let request_bytes = self.request_bytes.get();
@@ -165,6 +173,7 @@ impl RequestRecord {
             service: self.service,
             protocol: if self.grpc { "grpc" } else { "http" },
             response_code: self.status,
+            grpc_status: self.grpc_status,
             response_flags: flags,
             transport: self.transport,
         };
@@ -175,6 +184,61 @@ impl RequestRecord {
     }
 }
 
+/// How a response body ended.
+#[derive(Clone, Copy)]
+enum Ending {
+    Complete,
+    /// The endpoint's body failed part-way.
+    UpstreamFailed,
+    /// The client stopped reading (or never got an answer).
+    ClientGone,
+}
+
+/// A request until its response is known: if it is dropped first (the client went away), the
+/// request is recorded with status 0.
+pub struct PendingRecord(Option<RequestRecord>);
+
+impl PendingRecord {
+    pub fn new(record: RequestRecord) -> Self {
+        Self(Some(record))
+    }
+
+    pub fn record_mut(&mut self) -> Option<&mut RequestRecord> {
+        self.0.as_mut()
+    }
+
+    /// The response as sent to the client, recorded once its body has been sent.
+    pub fn respond(mut self, response: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+        match self.0.take() {
+            Some(record) => record.observe(response),
+            None => response,
+        }
+    }
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        if let Some(record) = self.0.take() {
+            record.finish(0, Ending::ClientGone);
+        }
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// A `grpc-status` value as a label: its code, or `unknown` when it is not one.
+fn grpc_code(value: &HeaderValue) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    value
+        .to_str()
+        .ok()
+        .and_then(|code| code.parse::<usize>().ok())
+        .and_then(|code| CODES.get(code).copied())
+        .unwrap_or(crate::stats::UNKNOWN)
+}
+
 /// A response body on its way to the client, counting what it sends.
 struct ObservedBody {
     inner: ProxyBody,
@@ -183,9 +247,9 @@ struct ObservedBody {
 }
 
 impl ObservedBody {
-    fn finish(&mut self, completed: bool) {
+    fn finish(&mut self, ended: Ending) {
         if let Some(record) = self.record.take() {
-            record.finish(self.sent, completed);
+            record.finish(self.sent, ended);
         }
     }
 }
@@ -202,13 +266,18 @@ impl Body for ObservedBody {
         match &poll {
             Poll::Ready(Some(Ok(frame))) => {
                 self.sent += frame.data_ref().map_or(0, |data| data.len() as u64);
+                // gRPC's status usually comes last, in the trailers.
+                let code = frame.trailers_ref().and_then(|t| t.get(GRPC_STATUS));
+                if let (Some(code), Some(record)) = (code, self.record.as_mut()) {
+                    record.grpc_status = grpc_code(code);
+                }
                 // Senders stop polling once a body says it has ended.
                 if self.inner.is_end_stream() {
-                    self.finish(true);
+                    self.finish(Ending::Complete);
                 }
             }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(None) => self.finish(Ending::Complete),
+            Poll::Ready(Some(Err(_))) => self.finish(Ending::UpstreamFailed),
             Poll::Pending => {}
         }
         poll
@@ -226,8 +295,12 @@ impl Body for ObservedBody {
 impl Drop for ObservedBody {
     fn drop(&mut self) {
         // An empty body is never polled: it is complete as it is.
-        let completed = self.inner.is_end_stream();
-        self.finish(completed);
+        let ended = if self.inner.is_end_stream() {
+            Ending::Complete
+        } else {
+            Ending::ClientGone
+        };
+        self.finish(ended);
     }
 }
 
