@@ -7,7 +7,9 @@
 //! on the destination node, `inbound` (accepts the tunnel in the destination pod, checks the
 //! peer's identity and `policy`, and connects to the app from the client's address; plaintext
 //! arriving at the pod is steered there by `datapath`'s sk_lookup program).
-//! `stats` counts it all, `agent` wires it together, `admin` shows the counters.
+//! `stats` counts it all (`l7::observe` per request), `metrics` renders the counts for Prometheus,
+//! `access_log` writes a line per connection and request, `admin` serves them with `graph`, and
+//! `agent` wires it together.
 pub mod access_log;
 pub mod admin;
 pub mod agent;

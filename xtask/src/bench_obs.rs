@@ -183,6 +183,13 @@ fn log_run(tools: &Path, client: &Pod, agents: &[Agent], logging: bool) -> Resul
         *slot = (cpu_seconds(pid)? - before) / thousands;
     }
     if logging {
+        // The log's writer batches lines: give it a moment to catch up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while request_lines() - lines_before < summary.sent_total
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         let lines = request_lines() - lines_before;
         ensure!(
             lines >= summary.sent_total,

@@ -251,6 +251,20 @@ fn run_demo(lab: &Lab) -> Result<((Agent, Agent), std::process::Child)> {
         "weft on node a, its endpoints: {}",
         client["endpoints"]["lab/web:80"]
     );
+    let metrics = lab
+        .node("a")?
+        .command("curl")?
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{}:15020/metrics", lab.node("a")?.ip))
+        .output()
+        .context("running curl for /metrics")?;
+    println!("weft on node a, /metrics (istio_requests_total):");
+    for line in String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|line| line.starts_with("istio_requests_total{"))
+    {
+        println!("  {line}");
+    }
     let server = agents.1.stats()?;
     println!("weft on node b, inbound per pod: {}", server["inbound"]);
     println!("weft on node b, certificates: {}", server["certificates"]);
