@@ -14,7 +14,7 @@ use crate::{
     identity::rfc3339,
     lock,
     proxy::ProxyContext,
-    stats::{Peer, Reporter, Stats, Transport, DURATION_BUCKETS_MS, UNKNOWN},
+    stats::{FlowLabels, Peer, Reporter, Stats, Transport, DURATION_BUCKETS_MS, UNKNOWN},
 };
 
 /// The page served at `/`.
@@ -261,30 +261,40 @@ fn totals(stats: &Stats, local: &HashMap<String, Peer>) -> HashMap<EdgeKey, Tota
             below = *count;
         }
     }
-    let outbound = stats
+    // Flows dropped once quiet live on as totals per label set: counted too, so rates do not
+    // dip when a flow is retired.
+    let live = stats
         .flows
         .entries()
         .into_iter()
-        .map(|(_, flow)| (Reporter::Source, flow));
-    let inbound = stats
-        .inbound_flows
+        .map(|(_, flow)| (FlowLabels::of(Reporter::Source, &flow), flow))
+        .chain(
+            stats
+                .inbound_flows
+                .entries()
+                .into_iter()
+                .map(|(_, flow)| (FlowLabels::of(Reporter::Destination, &flow), flow)),
+        )
+        .map(|(labels, flow)| (labels, flow.counters.connections_and_bytes()));
+    let retired = stats
+        .retired_flows
         .entries()
         .into_iter()
-        .map(|(_, flow)| (Reporter::Destination, flow));
-    for (reporter, flow) in outbound.chain(inbound) {
-        if !counted_here(reporter, &flow.source) {
+        .map(|(labels, totals)| (labels, totals.connections_and_bytes()));
+    for (labels, [connections, bytes]) in live.chain(retired) {
+        if !counted_here(labels.reporter, &labels.source) {
             continue;
         }
         let edge = EdgeKey {
-            source: flow.source.clone(),
-            destination: flow.destination.clone(),
+            source: labels.source,
+            destination: labels.destination,
             protocol: "tcp",
-            service: flow.service.clone().unwrap_or_else(|| UNKNOWN.into()),
-            mtls: flow.transport == Transport::Mtls,
+            service: labels.service.unwrap_or_else(|| UNKNOWN.into()),
+            mtls: labels.transport == Transport::Mtls,
         };
         let totals = edges.entry(edge).or_default();
-        totals.connections += flow.opened.load(Relaxed) + flow.failed.load(Relaxed);
-        totals.bytes += flow.bytes_sent.load(Relaxed) + flow.bytes_received.load(Relaxed);
+        totals.connections += connections;
+        totals.bytes += bytes;
     }
     edges
 }
@@ -379,5 +389,47 @@ mod tests {
         assert!(p999 > 20.0 && p999 <= 40.0, "{p999}");
         assert_eq!(quantile(0.99, &[0, 0, 0, 5], &bounds), Some(40.0));
         assert_eq!(quantile(0.99, &[0, 0, 0, 0], &bounds), None);
+    }
+
+    #[test]
+    fn retired_flows_keep_counting_in_the_graph() {
+        use crate::{
+            config::{Config, PodId},
+            state::MeshState,
+            stats::FlowKey,
+        };
+        let config =
+            Config::parse("pods:\n  - {name: web, netns: /run/netns/web, ip: 10.0.0.1}\n").unwrap();
+        let mesh = MeshState::from_config(&config, &Default::default(), &Stats::default());
+        let stats = Stats::default();
+        let web = Peer::new("web", "default", None);
+        let key = FlowKey {
+            pod: PodId::new("default", "web"),
+            destination: "10.9.9.9:5432".parse().unwrap(),
+            transport: Transport::Plaintext,
+            service: None,
+        };
+        let flow = stats.flow(&key, || (web.clone(), Peer::unknown(), None));
+        flow.opened.fetch_add(2, Relaxed);
+        flow.closed.fetch_add(2, Relaxed);
+        flow.bytes_sent.fetch_add(100, Relaxed);
+        let local = HashMap::from([(web.id(), web.clone())]);
+        let before = totals(&stats, &local);
+        let start = Instant::now();
+        let idle = Duration::from_secs(60);
+        stats.expire(start, idle, &mesh);
+        assert_eq!(
+            stats.expire(start + idle, idle, &mesh),
+            1,
+            "the flow was not retired"
+        );
+        let after = totals(&stats, &local);
+        let edge = |t: &HashMap<EdgeKey, Totals>| {
+            t.values()
+                .map(|t| (t.connections, t.bytes))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(edge(&before), vec![(2, 100)]);
+        assert_eq!(edge(&after), edge(&before));
     }
 }

@@ -78,6 +78,14 @@ pub struct FlowCounters {
 }
 
 impl FlowCounters {
+    /// Connections tried and bytes both ways, as the graph counts them.
+    pub fn connections_and_bytes(&self) -> [u64; 2] {
+        [
+            self.opened.load(Relaxed) + self.failed.load(Relaxed),
+            self.bytes_sent.load(Relaxed) + self.bytes_received.load(Relaxed),
+        ]
+    }
+
     fn add(&self, other: &FlowCounters) {
         for (total, part) in [
             (&self.opened, &other.opened),
