@@ -14,7 +14,7 @@ use crate::{
     identity::rfc3339,
     lock,
     proxy::ProxyContext,
-    stats::{FlowLabels, Peer, Reporter, Stats, Transport, DURATION_BUCKETS_MS, UNKNOWN},
+    stats::{Peer, Reporter, Stats, Transport, DURATION_BUCKETS_MS, UNKNOWN},
 };
 
 /// The page served at `/`.
@@ -263,25 +263,7 @@ fn totals(stats: &Stats, local: &HashMap<String, Peer>) -> HashMap<EdgeKey, Tota
     }
     // Flows dropped once quiet live on as totals per label set: counted too, so rates do not
     // dip when a flow is retired.
-    let live = stats
-        .flows
-        .entries()
-        .into_iter()
-        .map(|(_, flow)| (FlowLabels::of(Reporter::Source, &flow), flow))
-        .chain(
-            stats
-                .inbound_flows
-                .entries()
-                .into_iter()
-                .map(|(_, flow)| (FlowLabels::of(Reporter::Destination, &flow), flow)),
-        )
-        .map(|(labels, flow)| (labels, flow.counters.connections_and_bytes()));
-    let retired = stats
-        .retired_flows
-        .entries()
-        .into_iter()
-        .map(|(labels, totals)| (labels, totals.connections_and_bytes()));
-    for (labels, [connections, bytes]) in live.chain(retired) {
+    for (labels, flow) in stats.tcp_series() {
         if !counted_here(labels.reporter, &labels.source) {
             continue;
         }
@@ -293,8 +275,8 @@ fn totals(stats: &Stats, local: &HashMap<String, Peer>) -> HashMap<EdgeKey, Tota
             mtls: labels.transport == Transport::Mtls,
         };
         let totals = edges.entry(edge).or_default();
-        totals.connections += connections;
-        totals.bytes += bytes;
+        totals.connections += flow.opened + flow.failed;
+        totals.bytes += flow.bytes_sent + flow.bytes_received;
     }
     edges
 }

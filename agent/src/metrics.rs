@@ -21,8 +21,8 @@ use crate::{
     lock,
     proxy::ProxyContext,
     stats::{
-        FlowCounters, FlowLabels, Histogram as Buckets, Peer, Reporter, RequestKey,
-        ServiceCounters, Stats, Transport, UNKNOWN,
+        Histogram as Buckets, Peer, Reporter, RequestKey, ServiceCounters, Stats, Transport,
+        UNKNOWN,
     },
 };
 
@@ -153,7 +153,7 @@ fn istio_families(stats: &Stats) -> Vec<MetricFamily> {
 
     // Several flows (pods of one workload, endpoints of one service) share a label set.
     let mut tcp: BTreeMap<Vec<(&'static str, String)>, [u64; 4]> = BTreeMap::new();
-    let mut add = |labels: &FlowLabels, flow: &FlowCounters| {
+    for (labels, flow) in stats.tcp_series() {
         let base = istio_labels(
             labels.reporter,
             &labels.source,
@@ -162,35 +162,22 @@ fn istio_families(stats: &Stats) -> Vec<MetricFamily> {
             "tcp",
             labels.transport,
         );
-        let failed = flow.failed.load(Relaxed);
         let mut relayed = base.clone();
         relayed.push(("response_flags", "-".to_owned()));
         let sums = tcp.entry(relayed).or_default();
-        sums[0] += flow.opened.load(Relaxed);
-        sums[1] += flow.closed.load(Relaxed);
+        sums[0] += flow.opened;
+        sums[1] += flow.closed;
         // Istio's direction: "sent" is what the destination sent back, "received" what the
         // client sent.
-        sums[2] += flow.bytes_received.load(Relaxed);
-        sums[3] += flow.bytes_sent.load(Relaxed);
-        if failed > 0 {
+        sums[2] += flow.bytes_received;
+        sums[3] += flow.bytes_sent;
+        if flow.failed > 0 {
             let mut refused = base;
             refused.push(("response_flags", "UF".to_owned()));
             let sums = tcp.entry(refused).or_default();
-            sums[0] += failed;
-            sums[1] += failed;
+            sums[0] += flow.failed;
+            sums[1] += flow.failed;
         }
-    };
-    for (_, flow) in stats.flows.entries() {
-        add(&FlowLabels::of(Reporter::Source, &flow), &flow.counters);
-    }
-    for (_, flow) in stats.inbound_flows.entries() {
-        add(
-            &FlowLabels::of(Reporter::Destination, &flow),
-            &flow.counters,
-        );
-    }
-    for (labels, totals) in stats.retired_flows.entries() {
-        add(&labels, &totals);
     }
     let mut opened = Family::counter(
         "istio_tcp_connections_opened_total",

@@ -78,12 +78,14 @@ pub struct FlowCounters {
 }
 
 impl FlowCounters {
-    /// Connections tried and bytes both ways, as the graph counts them.
-    pub fn connections_and_bytes(&self) -> [u64; 2] {
-        [
-            self.opened.load(Relaxed) + self.failed.load(Relaxed),
-            self.bytes_sent.load(Relaxed) + self.bytes_received.load(Relaxed),
-        ]
+    pub fn totals(&self) -> FlowTotals {
+        FlowTotals {
+            opened: self.opened.load(Relaxed),
+            closed: self.closed.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            bytes_received: self.bytes_received.load(Relaxed),
+        }
     }
 
     fn add(&self, other: &FlowCounters) {
@@ -123,6 +125,16 @@ impl ByteMeter<'_> {
         self.flow.fetch_add(bytes, Relaxed);
         self.connection.fetch_add(bytes, Relaxed);
     }
+}
+
+/// [`FlowCounters`] read at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowTotals {
+    pub opened: u64,
+    pub closed: u64,
+    pub failed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// A flow's counters and the labels of its two ends, fixed when the flow is first seen.
@@ -669,6 +681,20 @@ impl Stats {
             return Arc::clone(counters);
         }
         Arc::clone(services.entry(id.to_owned()).or_default())
+    }
+
+    /// Every flow's totals under the labels the Istio TCP families count it by: the live flows
+    /// of both reporters, and the totals of those retired.
+    pub fn tcp_series(&self) -> Vec<(FlowLabels, FlowTotals)> {
+        let outbound = self.flows.entries().into_iter();
+        let inbound = self.inbound_flows.entries().into_iter();
+        let live = outbound
+            .map(|(_, flow)| (Reporter::Source, flow))
+            .chain(inbound.map(|(_, flow)| (Reporter::Destination, flow)))
+            .map(|(reporter, flow)| (FlowLabels::of(reporter, &flow), flow.counters.totals()));
+        let retired = self.retired_flows.entries().into_iter();
+        live.chain(retired.map(|(labels, totals)| (labels, totals.totals())))
+            .collect()
     }
 
     /// Keeps the totals of a flow being dropped under its labels.
