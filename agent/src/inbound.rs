@@ -5,7 +5,7 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, Ordering::Relaxed},
         Arc,
     },
     time::{Duration, Instant, SystemTime},
@@ -33,7 +33,10 @@ use crate::{
     policy::{Decision, Request as PolicyRequest},
     proxy::{connect_within, copy_metered, splice_metered, PodProxy, ProxyContext},
     state::{MeshState, Workload},
-    stats::{ByteMeter, Flow, InboundCounters, InboundFlowKey, Peer, Reporter, Transport, UNKNOWN},
+    stats::{
+        ByteMeter, ConnectionBytes, Flow, InboundCounters, InboundFlowKey, Peer, Reporter,
+        Transport, UNKNOWN,
+    },
     tunnel::{
         TunnelStream, APP_PROTOCOL, CONNECTION_WINDOW_BYTES, FORWARDED, MAX_FRAME_BYTES,
         MAX_HEADER_LIST_BYTES, STREAM_WINDOW_BYTES, TLS_READ_BUFFER_BYTES, TLS_WRITE_BUFFER_BYTES,
@@ -181,27 +184,16 @@ async fn serve_stream(
     }
     let flow = arrival.flow(ctx);
     flow.opened.fetch_add(1, Relaxed);
-    let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = splice_metered(
-        ctx,
-        &mut app,
-        &mut stream,
-        ByteMeter {
-            flow: &flow.bytes_received,
-            connection: &received,
-        },
-        ByteMeter {
-            flow: &flow.bytes_sent,
-            connection: &sent,
-        },
-    )
-    .await;
+    let bytes = ConnectionBytes::default();
+    let (from_client, from_app) = flow.meters(&bytes);
+    let result = splice_metered(ctx, &mut app, &mut stream, from_app, from_client).await;
     flow.closed.fetch_add(1, Relaxed);
     if let Err(err) = result {
         debug!(pod = %arrival.workload.id, error = %err, "inbound connection ended with an error");
         let _ = app.set_zero_linger();
     }
-    arrival.log(ctx, sent.load(Relaxed), received.load(Relaxed), "-");
+    let (sent, received) = bytes.get();
+    arrival.log(ctx, sent, received, "-");
 }
 
 /// A connection or stream arriving at a local workload, as checked.
@@ -522,22 +514,11 @@ async fn serve_plaintext(
     }
     let flow = arrival.flow(ctx);
     flow.opened.fetch_add(1, Relaxed);
-    flow.bytes_sent.fetch_add(prefix.len() as u64, Relaxed);
-    let (sent, received) = (AtomicU64::new(prefix.len() as u64), AtomicU64::new(0));
+    let bytes = ConnectionBytes::default();
+    let meters = flow.meters(&bytes);
+    meters.0.add(prefix.len() as u64);
     let relayed = match app.write_all(&prefix).await {
-        Ok(()) => {
-            let meters = (
-                ByteMeter {
-                    flow: &flow.bytes_sent,
-                    connection: &sent,
-                },
-                ByteMeter {
-                    flow: &flow.bytes_received,
-                    connection: &received,
-                },
-            );
-            splice(ctx, meters, &mut client, app, &arrival.workload.id).await
-        }
+        Ok(()) => splice(ctx, meters, &mut client, app, &arrival.workload.id).await,
         Err(err) => {
             debug!(pod = %arrival.workload.id, error = %err, "the app closed before the first bytes");
             false
@@ -547,7 +528,8 @@ async fn serve_plaintext(
     if !relayed {
         let _ = client.set_zero_linger();
     }
-    arrival.log(ctx, sent.load(Relaxed), received.load(Relaxed), "-");
+    let (sent, received) = bytes.get();
+    arrival.log(ctx, sent, received, "-");
 }
 
 /// Connects to the app from inside its pod, from the client's address when the pod's routing

@@ -8,10 +8,7 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc, RwLock,
-    },
+    sync::{atomic::Ordering::Relaxed, Arc, RwLock},
     task::{Context, Poll},
     time::{Duration, Instant, SystemTime},
 };
@@ -32,7 +29,7 @@ use crate::{
     l7::{pool::ConnectionPool, trace::ExhaustedTraces},
     netns::PodNetns,
     state::SharedState,
-    stats::{ByteMeter, Flow, FlowKey, Peer, Reporter, Stats, Transport},
+    stats::{ByteMeter, ConnectionBytes, Flow, FlowKey, Peer, Reporter, Stats, Transport},
     tunnel::{TunnelPool, TunnelStream},
 };
 
@@ -275,18 +272,9 @@ pub async fn relay(
     let flow = outbound_flow(ctx, pod, to);
     let started = (Instant::now(), SystemTime::now());
     flow.opened.fetch_add(1, Relaxed);
-    flow.bytes_sent.fetch_add(prefix.len() as u64, Relaxed);
-    let (sent, received) = (AtomicU64::new(prefix.len() as u64), AtomicU64::new(0));
-    let (from_client, from_upstream) = (
-        ByteMeter {
-            flow: &flow.bytes_sent,
-            connection: &sent,
-        },
-        ByteMeter {
-            flow: &flow.bytes_received,
-            connection: &received,
-        },
-    );
+    let bytes = ConnectionBytes::default();
+    let (from_client, from_upstream) = flow.meters(&bytes);
+    from_client.add(prefix.len() as u64);
     let result = match upstream {
         Upstream::Tunnel(mut stream) => match stream.send_prefix(prefix) {
             Ok(()) => {
@@ -310,8 +298,7 @@ pub async fn relay(
     finish(pod, destination, &flow, &client, result);
     if ctx.access_log.wants(false) {
         let mut entry = connection_entry(pod, &client, &flow, destination, started);
-        entry.bytes_received = sent.load(Relaxed);
-        entry.bytes_sent = received.load(Relaxed);
+        (entry.bytes_received, entry.bytes_sent) = bytes.get();
         ctx.access_log.log(entry);
     }
 }

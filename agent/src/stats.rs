@@ -78,6 +78,21 @@ pub struct FlowCounters {
 }
 
 impl FlowCounters {
+    /// The meters of one connection of this flow: (bytes from the client, bytes from the
+    /// destination), counted into the flow and into `connection`.
+    pub fn meters<'a>(&'a self, connection: &'a ConnectionBytes) -> (ByteMeter<'a>, ByteMeter<'a>) {
+        (
+            ByteMeter {
+                flow: &self.bytes_sent,
+                connection: &connection.sent,
+            },
+            ByteMeter {
+                flow: &self.bytes_received,
+                connection: &connection.received,
+            },
+        )
+    }
+
     pub fn totals(&self) -> FlowTotals {
         FlowTotals {
             opened: self.opened.load(Relaxed),
@@ -118,6 +133,22 @@ impl FlowCounters {
 pub struct ByteMeter<'a> {
     pub flow: &'a AtomicU64,
     pub connection: &'a AtomicU64,
+}
+
+/// One connection's own byte counts, beside its flow's.
+#[derive(Default)]
+pub struct ConnectionBytes {
+    /// From the client.
+    pub sent: AtomicU64,
+    /// From the destination.
+    pub received: AtomicU64,
+}
+
+impl ConnectionBytes {
+    /// (sent, received) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.sent.load(Relaxed), self.received.load(Relaxed))
+    }
 }
 
 impl ByteMeter<'_> {
