@@ -123,6 +123,7 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
             tunnel_port: settings.inbound_port,
             plaintext_port: settings.inbound_plaintext_port,
             delivery_mark: settings.delivery_mark,
+            proc_root: config.kubernetes.proc_root.clone(),
             identities: config
                 .identity
                 .as_ref()

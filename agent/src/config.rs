@@ -44,6 +44,34 @@ pub struct Config {
     /// HTTP routing for services, shaped like Gateway API's HTTPRoute.
     #[serde(default)]
     pub routes: Vec<HttpRoute>,
+    /// Kubernetes as a second source of pods, peers, services, policies and routes, merged with
+    /// the ones above (which win on conflict).
+    #[serde(default)]
+    pub kubernetes: KubernetesSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSettings {
+    pub enabled: bool,
+    /// Without it: the in-cluster service account, or `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the CNI plugin reaches the agent (`cni.sock`) and finds the namespaces last known
+    /// enrolled (`enrolled-namespaces.json`).
+    pub cni_dir: PathBuf,
+    /// The node's /proc (hostPID): pods given by UID are found there.
+    pub proc_root: PathBuf,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kubeconfig: None,
+            cni_dir: PathBuf::from("/var/run/weft"),
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -192,7 +220,12 @@ pub struct PodSpec {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     /// A path that refers to the pod's network namespace (e.g. /var/run/netns/x or /proc/PID/ns/net).
-    pub netns: PathBuf,
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The Kubernetes pod UID: without `netns`, the pod's network namespace is found from the
+    /// processes in the pod's cgroup (the agent then needs the node's PIDs, e.g. hostPID).
+    #[serde(default)]
+    pub uid: Option<String>,
     pub ip: Ipv4Addr,
     #[serde(default = "default_service_account")]
     pub service_account: String,
@@ -360,6 +393,15 @@ impl PodSpec {
         PodId::new(&self.namespace, &self.name)
     }
 
+    /// Where the pod's network namespace comes from, as logs and the admin endpoint show it.
+    pub fn netns_source(&self) -> String {
+        match (&self.netns, &self.uid) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(uid)) => format!("pod uid {uid}"),
+            (None, None) => "no netns".to_owned(),
+        }
+    }
+
     pub fn workload_name(&self) -> &str {
         self.workload.as_deref().unwrap_or(&self.name)
     }
@@ -393,7 +435,7 @@ impl Config {
         Self::parse(EMBEDDED_DEFAULT).context("embedded default configuration")
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let agent = &self.agent;
         if !agent.cgroup_path.is_absolute() {
             bail!(
@@ -467,6 +509,14 @@ impl Config {
         if let Some(identity) = &self.identity {
             identity.validate()?;
         }
+        for (name, path) in [
+            ("cni_dir", &self.kubernetes.cni_dir),
+            ("proc_root", &self.kubernetes.proc_root),
+        ] {
+            if !path.is_absolute() {
+                bail!("kubernetes.{name} must be an absolute path, got {path:?}");
+            }
+        }
         let mut seen_ids = HashSet::new();
         let mut seen_netns = HashSet::new();
         let mut seen_ips = HashSet::new();
@@ -477,19 +527,22 @@ impl Config {
             if !seen_ips.insert(pod.ip) {
                 bail!("{entry}: ip {} is already used by another workload", pod.ip);
             }
-            if !pod.netns.is_absolute() {
-                bail!(
-                    "{entry}: netns must be an absolute path, got {:?}",
-                    pod.netns
-                );
+            match (&pod.netns, &pod.uid) {
+                (Some(netns), _) if !netns.is_absolute() => {
+                    bail!("{entry}: netns must be an absolute path, got {netns:?}")
+                }
+                (None, None) => {
+                    bail!("{entry}: needs netns (a path) or uid (the Kubernetes pod UID)")
+                }
+                _ => {}
             }
             if !seen_ids.insert(pod.id()) {
                 bail!("{entry}: the pod is listed twice");
             }
-            if !seen_netns.insert(&pod.netns) {
+            if !seen_netns.insert(pod.netns_source()) {
                 bail!(
-                    "{entry}: netns {} is already used by another pod",
-                    pod.netns.display()
+                    "{entry}: {} is already used by another pod",
+                    pod.netns_source()
                 );
             }
         }

@@ -19,6 +19,7 @@ pub mod enrollment;
 pub mod graph;
 pub mod identity;
 pub mod inbound;
+pub mod kubernetes;
 pub mod l7;
 pub mod logging;
 pub mod metrics;
