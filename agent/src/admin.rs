@@ -44,6 +44,7 @@ use crate::{
     enrollment::{PodStatus, PodStatusTable},
     graph::{self, GraphHistory},
     identity::{CertificateInfo, CertificateStore, Identity},
+    kubernetes::{KubernetesDump, KubernetesReport},
     lock,
     logging::{FilterError, LogFilter},
     metrics,
@@ -65,6 +66,7 @@ pub struct AdminState {
     pub readiness: Arc<Readiness>,
     pub log_filter: LogFilter,
     pub graph: Arc<GraphHistory>,
+    pub kubernetes: Arc<KubernetesReport>,
 }
 
 /// What `/ready` reports, set by the agent as it starts and stops.
@@ -168,7 +170,13 @@ pub fn routes(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
         (&Method::GET, "/stats") => stats(state),
         (&Method::GET, "/config_dump") => {
             let pods = lock(&state.pods).clone();
-            match config_dump(&state.proxy.state.get(), &pods, state.certs.as_deref()) {
+            let kubernetes = state.kubernetes.dump();
+            match config_dump(
+                &state.proxy.state.get(),
+                &pods,
+                state.certs.as_deref(),
+                kubernetes,
+            ) {
                 Ok(body) => json_response(body),
                 Err(err) => {
                     warn!(error = %err, "cannot render the config dump");
@@ -256,6 +264,8 @@ struct ConfigDump<'a> {
     pods: &'a BTreeMap<PodId, PodStatus>,
     /// `null` without identities.
     certificates: Option<Vec<CertificateInfo>>,
+    /// `null` without Kubernetes.
+    kubernetes: Option<KubernetesDump>,
 }
 
 #[derive(Serialize)]
@@ -282,6 +292,7 @@ fn config_dump(
     mesh: &MeshState,
     pods: &BTreeMap<PodId, PodStatus>,
     certs: Option<&CertificateStore>,
+    kubernetes: Option<KubernetesDump>,
 ) -> serde_json::Result<Vec<u8>> {
     let mut workloads: Vec<WorkloadView> = mesh
         .workloads()
@@ -323,6 +334,7 @@ fn config_dump(
         services,
         pods,
         certificates: certs.map(CertificateStore::snapshot),
+        kubernetes,
     })
 }
 
@@ -463,7 +475,7 @@ mod tests {
             },
         )]);
 
-        let body = config_dump(&mesh, &pods, Some(&store)).unwrap();
+        let body = config_dump(&mesh, &pods, Some(&store), None).unwrap();
         let text = String::from_utf8(body.clone()).unwrap();
         for forbidden in ["PRIVATE KEY", "BEGIN", "-----"] {
             assert!(!text.contains(forbidden), "{forbidden} in {text}");
@@ -507,7 +519,7 @@ mod tests {
     fn without_identities_the_config_dump_has_no_workloads_or_certificates() {
         let config = Config::embedded_default().unwrap();
         let mesh = MeshState::from_config(&config, &Services::default(), &Stats::default());
-        let body = config_dump(&mesh, &BTreeMap::new(), None).unwrap();
+        let body = config_dump(&mesh, &BTreeMap::new(), None, None).unwrap();
         let dump: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(dump["workloads"], json!([]));
         assert_eq!(dump["certificates"], serde_json::Value::Null);

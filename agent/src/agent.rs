@@ -1,6 +1,7 @@
 //! The agent's lifecycle: preflight checks, attach, enroll from config, follow config changes,
 //! and on SIGTERM/SIGINT detach, stop accepting and drain.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -10,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use notify::{RecursiveMode, Watcher};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, oneshot},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
@@ -19,11 +20,20 @@ use weft_common::Settings;
 use crate::{
     access_log::AccessLog,
     admin::{self, AdminState, Readiness},
-    config::{AgentSettings, Config, IdentitySettings},
+    cni::{self, CniRequest, CniResponse},
+    config::{AgentSettings, Config, IdentitySettings, PodSpec},
     datapath::{check_cgroup2_dir, Datapath},
+    enrollment::PodStatus,
     enrollment::{Enrollment, EnrollmentSettings, LISTENER_LINGER},
     identity::{CertificateStore, MeshCa},
+    kubernetes::{
+        cni_admission::{admit, Admission},
+        model::{derive, merge, ClusterConfig, Skipped},
+        watch::ClusterWatch,
+        KubernetesReport,
+    },
     l7::service::Services,
+    lock,
     logging::LogFilter,
     metrics,
     proxy::ProxyContext,
@@ -41,7 +51,11 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// How often certificates are checked for renewal; lifetimes are hours, or seconds in tests.
 const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<()> {
+pub async fn run(
+    config_path: Option<PathBuf>,
+    node_name: Option<String>,
+    log_filter: LogFilter,
+) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("weft must run as root: it loads eBPF programs and enters pod network namespaces");
     }
@@ -51,10 +65,7 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
         Some(path) => Some(watch_config(path, reload_tx)?),
         None => None,
     };
-    let mut config = match &config_path {
-        Some(path) => Config::load(path)?,
-        None => Config::embedded_default()?,
-    };
+    let config = load(config_path.as_deref(), node_name.as_deref())?;
     let settings = config.agent.clone();
     let startup = config.clone();
     check_cgroup2_dir(&settings.cgroup_path)?;
@@ -134,6 +145,7 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
     // Served before the first enrollment, which may take a while: /ready says why it is not
     // ready yet, and until the very end of shutdown, that it is draining.
     let stop_admin = CancellationToken::new();
+    let kubernetes_report = Arc::new(KubernetesReport::default());
     let admin_state = Arc::new(AdminState {
         datapath: Arc::clone(&datapath),
         proxy: Arc::clone(&ctx),
@@ -143,6 +155,7 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
         readiness: Arc::clone(&readiness),
         log_filter,
         graph: Arc::default(),
+        kubernetes: Arc::clone(&kubernetes_report),
     });
     tokio::spawn(admin::serve(
         admin_listener,
@@ -165,8 +178,37 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
         let (ctx, stop) = (Arc::clone(&ctx), stop_admin.clone());
         tokio::spawn(async move { admin_state.graph.sample_until(&ctx, stop).await });
     }
-    enrollment.apply(&config).await;
-    readiness.set_config_applied();
+    let cluster = match config.kubernetes.enabled {
+        true => Some(ClusterWatch::start(&config.kubernetes, &settings.node_name).await?),
+        false => None,
+    };
+    *lock(&kubernetes_report.watches) = cluster.as_ref().map(ClusterWatch::status);
+    let (cni_tx, mut cni_rx) = mpsc::channel(CNI_QUEUE);
+    if let Some(cluster) = &cluster {
+        let listener = cni::bind(&config.kubernetes.cni_dir)?;
+        tokio::spawn(cni::serve(listener, {
+            let cluster = cluster.clone();
+            move |request| cni_request(cluster.clone(), cni_tx.clone(), request)
+        }));
+    }
+    let mut desired = Desired {
+        file: config,
+        cluster: None,
+        cni_pods: BTreeMap::new(),
+    };
+    let mut applied = desired.file.clone();
+    apply(
+        &ctx,
+        &mut enrollment,
+        &desired,
+        &startup,
+        &kubernetes_report,
+        &mut applied,
+    )
+    .await?;
+    if cluster.is_none() {
+        readiness.set_config_applied();
+    }
     info!(admin = %settings.admin_addr, metrics = %settings.metrics_addr, "weft is running");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -184,8 +226,41 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
             }
             // SIGHUP: reload now (also when the watcher cannot see a change).
             _ = sighup.recv() => {}
+            Some((admission, reply)) = cni_rx.recv(), if cluster.is_some() => {
+                let response = cni_answer(admission, &ctx, &mut enrollment, &mut desired, &startup, &kubernetes_report, &mut applied).await;
+                let _ = reply.send(response);
+                continue;
+            }
+            () = changes(cluster.as_ref()) => {
+                let Some(cluster) = &cluster else { continue };
+                if !cluster.synced() {
+                    continue;
+                }
+                let view = derive(&cluster.objects(), &startup.agent.node_name);
+                if desired.cluster.as_ref() == Some(&view) {
+                    continue;
+                }
+                let namespaces = &view.enrolled_namespaces;
+                if desired.cluster.as_ref().map(|c| &c.enrolled_namespaces) != Some(namespaces) {
+                    // The CNI plugin's fallback when it cannot reach the agent.
+                    if let Err(err) = cni::write_enrolled_namespaces(&startup.kubernetes.cni_dir, namespaces) {
+                        error!(error = format!("{err:#}"), "cannot record the enrolled namespaces for the CNI plugin");
+                    }
+                }
+                let first = desired.cluster.is_none();
+                desired.cluster = Some(view);
+                match apply(&ctx, &mut enrollment, &desired, &startup, &kubernetes_report, &mut applied).await {
+                    Ok(()) if first => {
+                        readiness.set_config_applied();
+                        info!("cluster state applied");
+                    }
+                    Ok(()) => {}
+                    Err(err) => error!(error = format!("{err:#}"), "cluster state not applied; the running state is unchanged"),
+                }
+                continue;
+            }
             _ = retry.tick(), if enrollment.has_failures() => {
-                enrollment.apply(&config).await;
+                enrollment.apply(&applied).await;
                 continue;
             }
             _ = renew.tick(), if certs.is_some() => {
@@ -196,17 +271,28 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
             }
         }
         let Some(path) = &config_path else { continue };
-        match reload(path, &config, &datapath) {
+        match reload(path, node_name.as_deref(), &desired.file, &datapath) {
             Ok(Some(new)) => {
-                let previous = ctx.state.get();
-                ctx.state.replace(MeshState::from_config(
-                    &in_force(&new, &startup),
-                    &previous.services,
-                    &ctx.stats,
-                ));
-                enrollment.apply(&new).await;
-                config = new;
-                info!("configuration reloaded");
+                let old = std::mem::replace(&mut desired.file, new);
+                match apply(
+                    &ctx,
+                    &mut enrollment,
+                    &desired,
+                    &startup,
+                    &kubernetes_report,
+                    &mut applied,
+                )
+                .await
+                {
+                    Ok(()) => info!("configuration reloaded"),
+                    Err(err) => {
+                        desired.file = old;
+                        error!(
+                            error = format!("{err:#}"),
+                            "config rejected; the running state is unchanged"
+                        );
+                    }
+                }
             }
             Ok(None) => {}
             Err(err) => error!(
@@ -245,10 +331,170 @@ pub async fn run(config_path: Option<PathBuf>, log_filter: LogFilter) -> Result<
     Ok(())
 }
 
+/// What the agent is asked to run: the config file's entries, the cluster's (once its first lists
+/// are in), and the pods the CNI plugin enrolled before the API server had their address.
+struct Desired {
+    file: Config,
+    cluster: Option<ClusterConfig>,
+    cni_pods: BTreeMap<String, PodSpec>,
+}
+
+impl Desired {
+    /// The config in force, and the cluster's objects left out of it.
+    fn in_force(&self, startup: &Config) -> Result<(Config, Vec<Skipped>)> {
+        let (merged, skipped) = match &self.cluster {
+            Some(cluster) => merge(&self.file, cluster, &self.cni_pods),
+            None => (self.file.clone(), Vec::new()),
+        };
+        let merged = in_force(&merged, startup);
+        merged
+            .validate()
+            .context("the config file merged with the cluster's objects is invalid")?;
+        Ok((merged, skipped))
+    }
+}
+
+/// Replaces the mesh state and brings enrollment in line with `desired`; on error nothing
+/// changes.
+async fn apply(
+    ctx: &ProxyContext,
+    enrollment: &mut Enrollment,
+    desired: &Desired,
+    startup: &Config,
+    report: &KubernetesReport,
+    applied: &mut Config,
+) -> Result<()> {
+    let (config, skipped) = desired.in_force(startup)?;
+    let previous = ctx.state.get();
+    ctx.state.replace(MeshState::from_config(
+        &config,
+        &previous.services,
+        &ctx.stats,
+    ));
+    enrollment.apply(&config).await;
+    *lock(&report.skipped) = skipped;
+    *applied = config;
+    Ok(())
+}
+
+/// Pending CNI requests; the plugin waits (and pod start-up with it) while they queue.
+const CNI_QUEUE: usize = 64;
+
+type CniReply = oneshot::Sender<CniResponse>;
+
+/// Decides on a CNI plugin's request and, when it needs enrolling or releasing, has the agent
+/// loop do it and waits for the outcome.
+async fn cni_request(
+    cluster: ClusterWatch,
+    agent: mpsc::Sender<(Admission, CniReply)>,
+    request: CniRequest,
+) -> CniResponse {
+    let admission = admit(&cluster, &request).await;
+    if let Admission::Answer(response) = admission {
+        return response;
+    }
+    let (reply, answer) = oneshot::channel();
+    let stopping = || CniResponse::Error {
+        error: "the agent is shutting down; try again".to_owned(),
+    };
+    if agent.send((admission, reply)).await.is_err() {
+        return stopping();
+    }
+    answer.await.unwrap_or_else(|_| stopping())
+}
+
+/// Carries out an admission in the agent loop.
+async fn cni_answer(
+    admission: Admission,
+    ctx: &ProxyContext,
+    enrollment: &mut Enrollment,
+    desired: &mut Desired,
+    startup: &Config,
+    report: &KubernetesReport,
+    applied: &mut Config,
+) -> CniResponse {
+    let id = match admission {
+        Admission::Answer(response) => return response,
+        Admission::Release { uid } => {
+            if desired.cni_pods.remove(&uid).is_some() {
+                if let Err(err) = apply(ctx, enrollment, desired, startup, report, applied).await {
+                    error!(
+                        error = format!("{err:#}"),
+                        "releasing a pod for the CNI plugin"
+                    );
+                }
+            }
+            return CniResponse::NotMeshed {
+                reason: "released".to_owned(),
+            };
+        }
+        Admission::Check(id) => id,
+        Admission::Enroll(spec) => {
+            let id = spec.id();
+            let uid = spec.uid.clone().unwrap_or_default();
+            desired.cni_pods.insert(uid, spec);
+            if let Err(err) = apply(ctx, enrollment, desired, startup, report, applied).await {
+                return CniResponse::Error {
+                    error: format!("{err:#}"),
+                };
+            }
+            id
+        }
+    };
+    match lock(&enrollment.status()).get(&id) {
+        Some(PodStatus::Enrolled { .. }) => CniResponse::Enrolled,
+        Some(PodStatus::Failed { error, .. }) => CniResponse::Error {
+            error: error.clone(),
+        },
+        None => {
+            let object = format!("Pod {id}");
+            let reason = lock(&report.skipped)
+                .iter()
+                .find(|s| s.object == object)
+                .map_or_else(
+                    || "not in the agent's state".to_owned(),
+                    |s| s.reason.clone(),
+                );
+            CniResponse::Error {
+                error: format!("pod {id} is not enrolled: {reason}"),
+            }
+        }
+    }
+}
+
+/// The cluster's next change; never, without Kubernetes.
+async fn changes(cluster: Option<&ClusterWatch>) {
+    match cluster {
+        Some(cluster) => cluster.changes().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The config file (or the embedded default), with this node's name from the command line or
+/// environment when given (a DaemonSet's pods learn it from the downward API).
+fn load(path: Option<&Path>, node_name: Option<&str>) -> Result<Config> {
+    let mut config = match path {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded_default()?,
+    };
+    if let Some(node_name) = node_name {
+        config.agent.node_name = node_name.to_owned();
+        config
+            .validate()
+            .context("the node name given on the command line")?;
+    }
+    Ok(config)
+}
+
 /// Loads `path` and, if it differs from `running`, applies its exclusions. Returns the new config
 /// for enrollment, `None` when nothing changed, or an error when it is rejected (nothing applied).
-fn reload(path: &Path, running: &Config, datapath: &Datapath) -> Result<Option<Config>> {
-    let new = Config::load(path)?;
+fn reload(
+    path: &Path,
+    node_name: Option<&str>,
+    running: &Config,
+    datapath: &Datapath,
+) -> Result<Option<Config>> {
+    let new = load(Some(path), node_name)?;
     if &new == running {
         return Ok(None);
     }

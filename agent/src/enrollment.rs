@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
+    os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -22,6 +23,7 @@ use crate::{
     inbound::{serve_steered, serve_tunnel},
     lock,
     netns::PodNetns,
+    podns::{FoundNetns, PodUid, ProcIndex},
     proxy::{accept_until_stopped, serve_outbound, PodProxy, ProxyContext},
     stats::Peer,
 };
@@ -30,8 +32,16 @@ use crate::{
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum PodStatus {
-    Enrolled { netns: String, netns_cookie: u64 },
-    Failed { netns: String, error: String },
+    Enrolled {
+        netns: String,
+        netns_cookie: u64,
+    },
+    Failed {
+        netns: String,
+        /// A short class for metrics: `netns_not_found`, `release_failed` or `enroll_failed`.
+        reason: &'static str,
+        error: String,
+    },
 }
 
 pub type PodStatusTable = Arc<Mutex<BTreeMap<PodId, PodStatus>>>;
@@ -44,6 +54,14 @@ struct EnrolledPod {
     identity: Option<Identity>,
     inbound: Option<InboundCapture>,
     stop_accepting: CancellationToken,
+}
+
+/// Where a pod's network namespace is opened from.
+enum NetnsPath {
+    /// The config (or the CNI plugin) named it.
+    Given(PathBuf),
+    /// Found among the node's processes by pod UID.
+    Found(FoundNetns),
 }
 
 /// Ports and identities of the listeners each pod gets.
@@ -61,8 +79,21 @@ pub struct EnrollmentSettings {
 /// Whether two specs of a pod need different listeners. Inbound mode and labels are read from
 /// the live mesh state on every connection, so changing them does not re-enroll the pod.
 fn same_enrollment(a: &PodSpec, b: &PodSpec) -> bool {
-    (&a.name, &a.namespace, &a.netns, &a.uid, a.ip, &a.service_account)
-        == (&b.name, &b.namespace, &b.netns, &b.uid, b.ip, &b.service_account)
+    (
+        &a.name,
+        &a.namespace,
+        &a.netns,
+        &a.uid,
+        a.ip,
+        &a.service_account,
+    ) == (
+        &b.name,
+        &b.namespace,
+        &b.netns,
+        &b.uid,
+        b.ip,
+        &b.service_account,
+    )
 }
 
 impl EnrolledPod {
@@ -138,6 +169,10 @@ impl Enrollment {
                     error!(pod = %id, error = format!("{err:#}"), "cannot enroll pod; will retry");
                     PodStatus::Failed {
                         netns: spec.netns_source(),
+                        reason: match err.downcast_ref::<crate::podns::Error>() {
+                            Some(_) => "netns_not_found",
+                            None => "enroll_failed",
+                        },
                         error: format!("{err:#}"),
                     }
                 }
@@ -165,26 +200,38 @@ impl Enrollment {
 
     /// The pod's netns path: the one given, or the one its processes are in, found by pod UID in
     /// a scan of the node's processes made once per pass, and only if some pod needs it.
-    fn netns_path(&self, spec: &PodSpec, procs: &mut Option<()>) -> Result<PathBuf> {
+    fn netns_path(&self, spec: &PodSpec, procs: &mut Option<ProcIndex>) -> Result<NetnsPath> {
         if let Some(path) = &spec.netns {
-            return Ok(path.clone());
+            return Ok(NetnsPath::Given(path.clone()));
         }
         let Some(uid) = &spec.uid else {
             bail!("the pod has neither netns nor uid");
         };
-        // PODNS: resolution by UID lands with the podns module.
-        let _ = (procs, &self.settings.proc_root);
-        bail!("pod uid {uid}: finding its netns is not supported yet")
+        let uid: PodUid = uid.parse()?;
+        let index = match procs {
+            Some(index) => index,
+            None => procs.insert(ProcIndex::scan(&self.settings.proc_root)?),
+        };
+        Ok(NetnsPath::Found(index.netns_of(&uid)?))
     }
 
-    async fn enroll(
-        &mut self,
-        spec: &PodSpec,
-        procs: &mut Option<()>,
-    ) -> Result<PodStatus> {
+    async fn enroll(&mut self, spec: &PodSpec, procs: &mut Option<ProcIndex>) -> Result<PodStatus> {
         let id = spec.id();
-        let netns_path = self.netns_path(spec, procs)?;
+        let (netns_path, expected_inode) = match self.netns_path(spec, procs)? {
+            NetnsPath::Given(path) => (path, None),
+            NetnsPath::Found(FoundNetns { path, inode, .. }) => (path, Some(inode)),
+        };
         let netns = PodNetns::enter(&netns_path, format!("netns-{}", spec.name))?;
+        // The process found by the scan may have exited and its PID been reused since.
+        if let Some(expected) = expected_inode {
+            let inode = netns.file().metadata().map(|m| m.ino()).unwrap_or(0);
+            if inode != expected {
+                bail!(
+                    "the pod's process left {} before it was opened; will look again",
+                    netns_path.display()
+                );
+            }
+        }
         let cookie = netns.cookie();
         if let Some((other, _)) = self.enrolled.iter().find(|(_, pod)| pod.cookie == cookie) {
             bail!(
@@ -328,7 +375,14 @@ impl Enrollment {
             let error = format!("cannot release the pod (will retry): {err:#}");
             warn!(pod = %id, error, "pod still enrolled");
             let netns = pod.netns.display().to_string();
-            lock(&self.status).insert(id.clone(), PodStatus::Failed { netns, error });
+            lock(&self.status).insert(
+                id.clone(),
+                PodStatus::Failed {
+                    netns,
+                    reason: "release_failed",
+                    error,
+                },
+            );
             return;
         }
         if let Some(pod) = self.enrolled.remove(id) {

@@ -13,6 +13,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod enrollment;
@@ -24,6 +25,7 @@ pub mod l7;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod podns;
 pub mod policy;
 pub mod proxy;
 pub mod state;

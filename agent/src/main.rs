@@ -18,6 +18,10 @@ enum Command {
         /// YAML config file, watched for changes. Without it the embedded default is used.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// This node's name, overriding the config's `agent.node_name` (a DaemonSet sets it from
+        /// the pod's `spec.nodeName`).
+        #[arg(long, env = "WEFT_NODE_NAME")]
+        node_name: Option<String>,
     },
     /// Check a config file and exit.
     CheckConfig { path: PathBuf },
@@ -29,7 +33,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let log_filter = weft::logging::init();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, node_name } => {
             return_large_frees_to_the_os();
             // One thread runs every task. A proxied connection's task and the task of the tunnel
             // connection it shares wake each other on every message; on one thread that costs no
@@ -38,7 +42,7 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(weft::agent::run(config, log_filter))
+                .block_on(weft::agent::run(config, node_name, log_filter))
         }
         Command::CheckConfig { path } => {
             let config = weft::config::Config::load(&path)?;

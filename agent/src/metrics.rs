@@ -263,18 +263,25 @@ fn weft_families(sources: &Sources) -> Vec<MetricFamily> {
     tracked.gauge_value(&[("state", "established".to_owned())], established as f64);
     families.push(tracked);
 
-    let (enrolled, failed) = lock(sources.pods)
-        .values()
-        .fold((0, 0), |(ok, failed), status| match status {
-            PodStatus::Enrolled { .. } => (ok + 1, failed),
-            PodStatus::Failed { .. } => (ok, failed + 1),
-        });
+    let mut by_state: BTreeMap<(&str, &str), u32> = BTreeMap::from([(("enrolled", ""), 0)]);
+    for status in lock(sources.pods).values() {
+        let key = match status {
+            PodStatus::Enrolled { .. } => ("enrolled", ""),
+            PodStatus::Failed { reason, .. } => ("failed", *reason),
+        };
+        *by_state.entry(key).or_default() += 1;
+    }
     let mut pods = Family::gauge(
         "weft_pods",
-        "Configured pods on this node, by enrollment state.",
+        "Pods to enroll on this node, by enrollment state and, for failures, reason (retried; /config_dump has each pod's error).",
     );
-    pods.gauge_value(&[("state", "enrolled".to_owned())], f64::from(enrolled));
-    pods.gauge_value(&[("state", "failed".to_owned())], f64::from(failed));
+    for ((state, reason), count) in by_state {
+        let mut labels = vec![("state", state.to_owned())];
+        if !reason.is_empty() {
+            labels.push(("reason", reason.to_owned()));
+        }
+        pods.gauge_value(&labels, f64::from(count));
+    }
     families.push(pods);
 
     let tunnels = &stats.tunnels;

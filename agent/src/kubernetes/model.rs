@@ -20,8 +20,7 @@ use serde::Serialize;
 
 use crate::{
     config::{
-        AppProtocol, Config, InboundMode, OutlierSpec, PeerSpec, PodSpec, ServicePort,
-        ServiceSpec,
+        AppProtocol, Config, InboundMode, OutlierSpec, PeerSpec, PodSpec, ServicePort, ServiceSpec,
     },
     l7::route::{validate_routes, HttpRoute, RouteMetadata, ServicePortKey},
     policy::{validate_policies, AuthorizationPolicy, PolicyMetadata},
@@ -112,9 +111,10 @@ pub fn derive(objects: &ClusterObjects, node_name: &str) -> ClusterConfig {
                 &name,
                 format!("ip {} is already another pod's", spec.ip),
             )),
-            Err(err) => out
-                .skipped
-                .push(Skipped::new("Pod", &namespace, &name, format!("{err:#}"))),
+            Err(err) => {
+                out.skipped
+                    .push(Skipped::new("Pod", &namespace, &name, format!("{err:#}")))
+            }
         }
     }
     for pod in &objects.pods {
@@ -174,7 +174,9 @@ pub fn derive(objects: &ClusterObjects, node_name: &str) -> ClusterConfig {
         });
         match policy {
             Ok(policy) => out.policies.push(policy),
-            Err(err) => out.skipped.push(skipped_custom("AuthorizationPolicy", object, err)),
+            Err(err) => out
+                .skipped
+                .push(skipped_custom("AuthorizationPolicy", object, err)),
         }
     }
     for object in &objects.routes {
@@ -699,11 +701,29 @@ mod tests {
                     Some("10.244.1.21"),
                     json!({"status": {"phase": "Succeeded"}}),
                 ),
-                object(pod("plain", "other", "node-1", Some("10.244.1.30"), json!({}))),
+                object(pod(
+                    "plain",
+                    "other",
+                    "node-1",
+                    Some("10.244.1.30"),
+                    json!({}),
+                )),
             ],
             pods: vec![
-                object(pod("shop", "web-1", "node-1", Some("10.244.1.7"), json!({}))),
-                object(pod("shop", "web-2", "node-2", Some("10.244.2.4"), json!({}))),
+                object(pod(
+                    "shop",
+                    "web-1",
+                    "node-1",
+                    Some("10.244.1.7"),
+                    json!({}),
+                )),
+                object(pod(
+                    "shop",
+                    "web-2",
+                    "node-2",
+                    Some("10.244.2.4"),
+                    json!({}),
+                )),
                 object(pod(
                     "shop",
                     "cron",
@@ -744,7 +764,10 @@ mod tests {
     #[test]
     fn enrolled_namespaces_pods_become_local_pods_and_peers() {
         let derived = derive(&cluster(), "node-1");
-        assert_eq!(derived.enrolled_namespaces, BTreeSet::from(["shop".to_owned()]));
+        assert_eq!(
+            derived.enrolled_namespaces,
+            BTreeSet::from(["shop".to_owned()])
+        );
         let pods: Vec<_> = derived
             .pods
             .iter()
@@ -758,8 +781,14 @@ mod tests {
             ]
         );
         let web = &derived.pods[0];
-        assert_eq!(web.uid.as_deref(), Some("0c3b6a1e-8f2d-4c55-9a7b-000000000005"));
-        assert_eq!((web.netns.as_ref(), web.service_account.as_str()), (None, "web"));
+        assert_eq!(
+            web.uid.as_deref(),
+            Some("0c3b6a1e-8f2d-4c55-9a7b-000000000005")
+        );
+        assert_eq!(
+            (web.netns.as_ref(), web.service_account.as_str()),
+            (None, "web")
+        );
         assert_eq!(web.workload.as_deref(), Some("web"), "Deployment name");
         assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
 
