@@ -25,6 +25,7 @@ use crate::{
     datapath::{check_cgroup2_dir, Datapath},
     enrollment::PodStatus,
     enrollment::{Enrollment, EnrollmentSettings, LISTENER_LINGER},
+    handover::Handover,
     identity::{CertificateStore, MeshCa},
     kubernetes::{
         cni_admission::{admit, Admission},
@@ -69,6 +70,7 @@ pub async fn run(
     let settings = config.agent.clone();
     let startup = config.clone();
     check_cgroup2_dir(&settings.cgroup_path)?;
+    let handover = settings.handover.as_ref().map(Handover::new);
     let certs = match &config.identity {
         Some(identity) => Some(load_identities(identity)?),
         None => {
@@ -88,6 +90,7 @@ pub async fn run(
             outbound_port: settings.outbound_port,
             inbound_port: settings.inbound_port,
         },
+        handover.as_ref().map(Handover::pin_dir),
     )?);
     datapath.set_exclusions(&settings.exclude_ports, &settings.exclude_cidrs)?;
     info!(cgroup = %settings.cgroup_path.display(), "eBPF programs attached");
@@ -207,6 +210,7 @@ pub async fn run(
     )
     .await?;
     if cluster.is_none() {
+        take_charge(&datapath, &enrollment, handover.as_ref());
         readiness.set_config_applied();
     }
     info!(admin = %settings.admin_addr, metrics = %settings.metrics_addr, "weft is running");
@@ -251,6 +255,7 @@ pub async fn run(
                 desired.cluster = Some(view);
                 match apply(&ctx, &mut enrollment, &desired, &startup, &kubernetes_report, &mut applied).await {
                     Ok(()) if first => {
+                        take_charge(&datapath, &enrollment, handover.as_ref());
                         readiness.set_config_applied();
                         info!("cluster state applied");
                     }
@@ -302,10 +307,23 @@ pub async fn run(
         }
     }
 
-    // Release every pod first: new connects go direct at once, while the hooks stay attached
-    // long enough for connects already redirected to be established, tracked and accepted.
-    info!("shutting down: releasing pods, then detaching eBPF programs and draining connections");
-    enrollment.release_all();
+    let superseded = handover.as_ref().is_some_and(Handover::superseded);
+    if superseded {
+        // The new agent serves the pods from the same maps: only this agent's listeners and
+        // programs go. Connections queued on the listeners move to the new agent's.
+        info!(
+            "shutting down after a newer agent took over: closing listeners, draining connections"
+        );
+        enrollment.abandon_all();
+    } else {
+        // Release every pod first: new connects go direct at once, while the hooks stay
+        // attached long enough for connects already redirected to be established, tracked and
+        // accepted.
+        info!(
+            "shutting down: releasing pods, then detaching eBPF programs and draining connections"
+        );
+        enrollment.release_all();
+    }
     readiness.set_draining();
     ctx.draining.cancel();
     tokio::time::sleep(LISTENER_LINGER).await;
@@ -327,8 +345,35 @@ pub async fn run(
         let _ = tokio::time::timeout(ABORT_GRACE, ctx.connections.wait()).await;
     }
     stop_admin.cancel();
+    if let Some(handover) = handover.as_ref().filter(|_| !superseded) {
+        handover.release();
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Once every pod is served: forgets enrolled namespaces this agent does not serve (left in the
+/// pinned maps by an agent that was killed, or by the one it replaces), and takes charge so the
+/// agent it replaces, if any, stops without touching the shared state.
+fn take_charge(datapath: &Datapath, enrollment: &Enrollment, handover: Option<&Handover>) {
+    let Some(handover) = handover else { return };
+    match datapath.retain_enrolled(&enrollment.cookies()) {
+        Ok(0) => {}
+        Ok(stale) => info!(
+            stale,
+            "removed enrolled namespaces no agent serves any more"
+        ),
+        Err(err) => warn!(
+            error = format!("{err:#}"),
+            "cannot clean the enrolled namespaces"
+        ),
+    }
+    if let Err(err) = handover.take_charge() {
+        error!(
+            error = format!("{err:#}"),
+            "cannot record this agent as in charge; an agent stopping now would release the pods"
+        );
+    }
 }
 
 /// What the agent is asked to run: the config file's entries, the cluster's (once its first lists

@@ -151,6 +151,20 @@ pub struct AgentSettings {
     pub metrics_idle_expiry_s: u64,
     /// One JSON line per connection and per HTTP request, on stdout.
     pub access_log: AccessLogSettings,
+    /// Lets a new agent take over from a running one without losing a connection (a rolling
+    /// upgrade): the eBPF maps are pinned and shared, listeners join the old agent's. Off when
+    /// absent: the maps then go with the agent.
+    pub handover: Option<HandoverSettings>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverSettings {
+    /// A directory on a bpf filesystem where the maps are pinned.
+    pub bpf_pin_dir: PathBuf,
+    /// Where the agent in charge records its PID, so the one it replaced knows to leave the
+    /// shared state alone when it stops.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -191,6 +205,7 @@ impl Default for AgentSettings {
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
             metrics_idle_expiry_s: 600,
             access_log: AccessLogSettings::default(),
+            handover: None,
         }
     }
 }
@@ -509,12 +524,19 @@ impl Config {
         if let Some(identity) = &self.identity {
             identity.validate()?;
         }
-        for (name, path) in [
-            ("cni_dir", &self.kubernetes.cni_dir),
-            ("proc_root", &self.kubernetes.proc_root),
-        ] {
-            if !path.is_absolute() {
-                bail!("kubernetes.{name} must be an absolute path, got {path:?}");
+        let handover = agent.handover.as_ref();
+        let paths = [
+            ("kubernetes.cni_dir", Some(&self.kubernetes.cni_dir)),
+            ("kubernetes.proc_root", Some(&self.kubernetes.proc_root)),
+            (
+                "agent.handover.bpf_pin_dir",
+                handover.map(|h| &h.bpf_pin_dir),
+            ),
+            ("agent.handover.state_dir", handover.map(|h| &h.state_dir)),
+        ];
+        for (name, path) in paths {
+            if let Some(path) = path.filter(|path| !path.is_absolute()) {
+                bail!("{name} must be an absolute path, got {path:?}");
             }
         }
         let mut seen_ids = HashSet::new();
@@ -707,6 +729,7 @@ mod tests {
         let config = Config::embedded_default().unwrap();
         assert!(config.pods.is_empty());
         assert_eq!(config.agent, AgentSettings::default());
+        assert_eq!(config.kubernetes, KubernetesSettings::default());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Loads weft's eBPF programs, attaches them to the pods' parent cgroup and owns their maps.
 use std::{
+    collections::HashSet,
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
@@ -13,7 +14,7 @@ use aya::{
     programs::{
         sk_lookup::SkLookupLinkId, CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps,
     },
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
 use weft_common::{maps, ClientKey, Counter, DeliveryKey, OrigDst, Settings};
@@ -77,17 +78,78 @@ pub fn check_cgroup2_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where this build pins its maps under `base`: a directory named after the maps' layout, so an
+/// agent whose maps differ (another key or value type, another size) never opens the old ones.
+pub fn pin_dir(base: &Path) -> std::path::PathBuf {
+    let layout = format!(
+        "{}/{}/{}/{}/{}/{}/{}/{}/{}",
+        size_of::<ClientKey>(),
+        size_of::<OrigDst>(),
+        size_of::<DeliveryKey>(),
+        size_of::<Settings>(),
+        weft_common::MAX_TRACKED_CONNECTIONS,
+        weft_common::MAX_ENROLLED_PODS,
+        weft_common::MAX_EXCLUDED_PORTS,
+        weft_common::MAX_EXCLUDED_CIDRS,
+        weft_common::COUNTER_SLOTS,
+    );
+    // FNV-1a: stable across builds and Rust versions, unlike std's hasher.
+    let hash = layout
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    base.join(format!("maps-{hash:016x}"))
+}
+
+/// Creates `dir` if needed; fails unless it is on a bpf filesystem (pinning needs one).
+fn check_bpf_fs_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stat =
+        nix::sys::statfs::statfs(dir).with_context(|| format!("statfs {}", dir.display()))?;
+    if stat.filesystem_type() != nix::sys::statfs::BPF_FS_MAGIC {
+        bail!(
+            "{} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the maps pinned in `dir` (the last agent stopping): the next one starts afresh.
+pub fn unpin_maps(dir: &Path) -> Result<()> {
+    for name in maps::ALL {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("unpinning {}", dir.join(name).display()))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
 }
 
 impl Datapath {
-    /// Loads the programs, writes `settings`, and attaches to `cgroup_path`.
-    pub fn attach(cgroup_path: &Path, settings: Settings) -> Result<Self> {
+    /// Loads the programs, writes `settings`, and attaches to `cgroup_path`. With `pin_dir`, the
+    /// maps are the ones pinned there by an agent still running (created and pinned if there are
+    /// none), so connections redirected by its programs are found by this agent's and vice versa.
+    pub fn attach(cgroup_path: &Path, settings: Settings, pin_dir: Option<&Path>) -> Result<Self> {
         check_cgroup2_dir(cgroup_path)?;
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context(
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            check_bpf_fs_dir(dir)?;
+            for name in maps::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context(
             "loading weft's eBPF maps failed: the agent needs CAP_BPF (or CAP_SYS_ADMIN)",
         )?;
         let mut settings_map: Array<_, Settings> =
@@ -238,6 +300,24 @@ impl Datapath {
         lock(&self.enrolled)
             .insert(netns_cookie, 1, 0)
             .with_context(|| format!("adding netns cookie {netns_cookie} to the enrollment map"))
+    }
+
+    /// Removes enrolled namespaces other than `keep`: left in shared maps by an agent that was
+    /// killed, or by the agent this one replaced, for pods this one does not serve.
+    pub fn retain_enrolled(&self, keep: &HashSet<u64>) -> Result<usize> {
+        let mut enrolled = lock(&self.enrolled);
+        let stale: Vec<u64> = enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|cookie| !keep.contains(cookie))
+            .collect();
+        for cookie in &stale {
+            match enrolled.remove(cookie) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(err) => return Err(err).context("removing a stale enrolled namespace"),
+            }
+        }
+        Ok(stale.len())
     }
 
     pub fn unenroll(&self, netns_cookie: u64) -> Result<()> {

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,7 +23,7 @@ use crate::{
     inbound::{serve_steered, serve_tunnel},
     lock,
     netns::PodNetns,
-    podns::{FoundNetns, PodUid, ProcIndex},
+    podns::{self, FoundNetns, PodUid, ProcIndex},
     proxy::{accept_until_stopped, serve_outbound, PodProxy, ProxyContext},
     stats::Peer,
 };
@@ -210,7 +210,10 @@ impl Enrollment {
         let uid: PodUid = uid.parse()?;
         let index = match procs {
             Some(index) => index,
-            None => procs.insert(ProcIndex::scan(&self.settings.proc_root)?),
+            None => procs.insert(ProcIndex::scan(
+                &self.settings.proc_root,
+                Path::new(podns::OWN_NETNS),
+            )?),
         };
         Ok(NetnsPath::Found(index.netns_of(&uid)?))
     }
@@ -231,6 +234,11 @@ impl Enrollment {
                     netns_path.display()
                 );
             }
+        }
+        // An agent taking over later joins these listeners; when this one then closes them, the
+        // connections still queued move to the new agent's instead of being reset.
+        if let Err(err) = netns.enable_request_migration().await {
+            warn!(pod = %id, error = %err, "cannot enable tcp_migrate_req in the pod; an agent upgrade may reset connections queued at that moment");
         }
         let cookie = netns.cookie();
         if let Some((other, _)) = self.enrolled.iter().find(|(_, pod)| pod.cookie == cookie) {
@@ -391,6 +399,19 @@ impl Enrollment {
         }
         lock(&self.status).remove(id);
         info!(pod = %id, "pod released");
+    }
+
+    /// The enrolled pods' network-namespace cookies.
+    pub fn cookies(&self) -> HashSet<u64> {
+        self.enrolled.values().map(|pod| pod.cookie).collect()
+    }
+
+    /// Stops accepting on every pod's listeners and leaves the eBPF maps as they are: the agent
+    /// that took over serves the pods from them (see `handover`).
+    pub fn abandon_all(&mut self) {
+        for (_, pod) in std::mem::take(&mut self.enrolled) {
+            pod.stop_accepting.cancel();
+        }
     }
 
     /// Releases every pod (shutdown).

@@ -18,6 +18,7 @@ pub mod config;
 pub mod datapath;
 pub mod enrollment;
 pub mod graph;
+pub mod handover;
 pub mod identity;
 pub mod inbound;
 pub mod kubernetes;

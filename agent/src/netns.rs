@@ -110,6 +110,14 @@ impl PodNetns {
         tokio::net::TcpListener::from_std(std_listener)
     }
 
+    /// Sets `net.ipv4.tcp_migrate_req` in the pod's namespace: connections queued on a closing
+    /// listener move to another listener of its SO_REUSEPORT group (Linux >= 5.14). The file is
+    /// opened from a thread inside the namespace, so it is that namespace's sysctl.
+    pub async fn enable_request_migration(&self) -> io::Result<()> {
+        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+            .await
+    }
+
     /// An unconnected IPv4 TCP socket inside the pod, carrying `mark` so the hooks skip it.
     pub async fn upstream_socket(&self, mark: u32) -> io::Result<tokio::net::TcpSocket> {
         let socket = self

@@ -6,7 +6,7 @@
 //! Use, once per enrollment pass and then per pod:
 //!
 //! ```ignore
-//! let index = ProcIndex::scan(Path::new(DEFAULT_PROC_ROOT))?; // one read of every cgroup file
+//! let index = ProcIndex::scan(Path::new(DEFAULT_PROC_ROOT), Path::new(OWN_NETNS))?; // one read of every cgroup file
 //! for problem in index.read_errors() { /* warn: not fatal */ }
 //! let uid: PodUid = uid_from_the_api.parse()?;
 //! let found = index.netns_of(&uid)?; // found.path, found.pid, found.inode
@@ -39,6 +39,8 @@ use std::{
 
 /// Where the node's processes are, for an agent running with hostPID.
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
+/// The agent's own network namespace: the node's, for an agent on the host network.
+pub const OWN_NETNS: &str = "/proc/self/ns/net";
 
 /// A pod's UID in the Kubernetes form: a UUID, lowercase, with dashes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -311,16 +313,12 @@ pub struct ProcIndex {
 
 impl ProcIndex {
     /// Reads the cgroup of every process under `proc_root` (normally [`DEFAULT_PROC_ROOT`]).
-    /// The node's network namespace is that of `<proc_root>/1`, the node's init. Fails only when
-    /// the proc root cannot be listed or init's namespace cannot be read; unreadable processes are
+    /// `node_netns` is the node's network namespace, whose processes are no pod's: the agent's
+    /// own ([`OWN_NETNS`]), as it runs in the node's network (hostNetwork). Fails only when the
+    /// proc root cannot be listed or that namespace cannot be read; unreadable processes are
     /// skipped and listed in [`read_errors`](Self::read_errors).
-    pub fn scan(proc_root: &Path) -> Result<Self, Error> {
-        Self::scan_with_host_netns(proc_root, &proc_root.join("1/ns/net"))
-    }
-
-    /// [`scan`](Self::scan) with the node's network namespace read from `host_netns`: the tests
-    /// need it where init's namespace is off limits.
-    fn scan_with_host_netns(proc_root: &Path, host_netns: &Path) -> Result<Self, Error> {
+    pub fn scan(proc_root: &Path, node_netns: &Path) -> Result<Self, Error> {
+        let host_netns = node_netns;
         let entries = fs::read_dir(proc_root).map_err(|source| Error::ProcUnreadable {
             proc_root: proc_root.to_path_buf(),
             source,
@@ -753,7 +751,7 @@ mod tests {
         fake.process(400, "0::/system.slice/kubelet.service\n");
         fake.netns_of(400, 1);
 
-        let index = ProcIndex::scan(fake.root()).unwrap();
+        let index = ProcIndex::scan(fake.root(), &fake.root().join("1/ns/net")).unwrap();
         assert!(index.read_errors().is_empty(), "{:?}", index.read_errors());
         let found = index.netns_of(&uid()).unwrap();
         assert_eq!(
@@ -775,7 +773,7 @@ mod tests {
             fake.pod_process(pid, UID);
             fake.netns_of(pid, 1);
         }
-        let err = ProcIndex::scan(fake.root())
+        let err = ProcIndex::scan(fake.root(), &fake.root().join("1/ns/net"))
             .unwrap()
             .netns_of(&uid())
             .unwrap_err();
@@ -801,7 +799,7 @@ mod tests {
         fake.own_netns(20);
         fake.own_netns(21);
         fake.netns_of(22, 20);
-        let err = ProcIndex::scan(fake.root())
+        let err = ProcIndex::scan(fake.root(), &fake.root().join("1/ns/net"))
             .unwrap()
             .netns_of(&uid())
             .unwrap_err();
@@ -828,7 +826,7 @@ mod tests {
         fs::create_dir(fake.root().join("50")).unwrap();
         // Not readable for another reason: counted, not fatal.
         fs::create_dir_all(fake.root().join("60/cgroup")).unwrap();
-        let index = ProcIndex::scan(fake.root()).unwrap();
+        let index = ProcIndex::scan(fake.root(), &fake.root().join("1/ns/net")).unwrap();
         let errors = index.read_errors();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, fake.root().join("60/cgroup"));
@@ -852,7 +850,7 @@ mod tests {
         }
         fake.own_netns(31);
         // PID 30 exits between the scan and the lookup: its ns/net never existed here.
-        let index = ProcIndex::scan(fake.root()).unwrap();
+        let index = ProcIndex::scan(fake.root(), &fake.root().join("1/ns/net")).unwrap();
         assert_eq!(index.netns_of(&uid()).unwrap().pid, 31);
         fs::remove_file(fake.root().join("31/ns/net")).unwrap();
         let err = index.netns_of(&uid()).unwrap_err();
@@ -873,7 +871,7 @@ mod tests {
         let ns = fake.root().join("41/ns");
         fs::remove_dir(&ns).unwrap();
         fs::write(&ns, "").unwrap();
-        let err = ProcIndex::scan(fake.root())
+        let err = ProcIndex::scan(fake.root(), &fake.root().join("1/ns/net"))
             .unwrap()
             .netns_of(&uid())
             .unwrap_err();
@@ -890,14 +888,14 @@ mod tests {
     #[test]
     fn scanning_fails_without_the_proc_root_or_init() {
         let missing = Path::new("/nonexistent/proc");
-        let err = ProcIndex::scan(missing).unwrap_err();
+        let err = ProcIndex::scan(missing, &missing.join("1/ns/net")).unwrap_err();
         assert!(matches!(err, Error::ProcUnreadable { .. }), "{err:?}");
         assert!(err
             .to_string()
             .starts_with("cannot list the processes in /nonexistent/proc: "));
 
         let dir = tempfile::tempdir().unwrap();
-        let err = ProcIndex::scan(dir.path()).unwrap_err();
+        let err = ProcIndex::scan(dir.path(), &dir.path().join("1/ns/net")).unwrap_err();
         assert!(matches!(err, Error::HostNetnsUnreadable { .. }), "{err:?}");
         assert!(err
             .to_string()
@@ -1045,25 +1043,9 @@ mod tests {
         assert_eq!(unescape_mountinfo("/mnt/a\\040b\\134c"), "/mnt/a b\\c");
     }
 
-    /// Scans the real /proc, as the agent does. Where init's namespace is off limits (some
-    /// sandboxes guard their PID 1 even from root), that is checked to be reported as such and the
-    /// test's own namespace, the node's here, stands in for it.
+    /// Scans the real /proc, as the agent does.
     fn scan_real_proc() -> ProcIndex {
-        let proc_root = Path::new(DEFAULT_PROC_ROOT);
-        match ProcIndex::scan(proc_root) {
-            Ok(index) => index,
-            Err(Error::HostNetnsUnreadable { path, source })
-                if source.kind() == io::ErrorKind::PermissionDenied =>
-            {
-                eprintln!(
-                    "note: {} is unreadable here ({source}); using the test's own network \
-                     namespace as the node's",
-                    path.display()
-                );
-                ProcIndex::scan_with_host_netns(proc_root, Path::new("/proc/self/ns/net")).unwrap()
-            }
-            Err(err) => panic!("{err}"),
-        }
+        ProcIndex::scan(Path::new(DEFAULT_PROC_ROOT), Path::new(OWN_NETNS)).unwrap()
     }
 
     fn random_uid() -> String {

@@ -4,7 +4,6 @@
 //! drops out while the agent cannot see the API server. Every change wakes [`ClusterWatch::changes`].
 use std::{
     collections::BTreeMap,
-    future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -233,58 +232,51 @@ impl Watches<'_> {
     }
 }
 
-fn drive<K, S>(
-    name: &'static str,
-    events: S,
-    changed: Arc<Notify>,
-    status: WatchStatusTable,
-) -> impl Future<Output = ()>
+async fn drive<K, S>(name: &'static str, events: S, changed: Arc<Notify>, status: WatchStatusTable)
 where
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
 {
-    async move {
-        let mut events = std::pin::pin!(events);
-        while let Some(event) = events.next().await {
-            let mut table = lock(&status);
-            let Some(state) = table.get_mut(name) else {
-                return;
-            };
-            match event {
-                Ok(event) => {
-                    if let Some(error) = state.error.take() {
-                        info!(watch = name, last_error = %error, "watch recovered");
-                    }
-                    match event {
-                        // A (re-)list is complete: the store has just swapped it in.
-                        Event::InitDone => {
-                            if !state.synced {
-                                debug!(watch = name, "first list complete");
-                            }
-                            state.synced = true;
-                            changed.notify_one();
-                        }
-                        Event::Apply(_) | Event::Delete(_) => changed.notify_one(),
-                        Event::Init | Event::InitApply(_) => {}
-                    }
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        let mut table = lock(&status);
+        let Some(state) = table.get_mut(name) else {
+            return;
+        };
+        match event {
+            Ok(event) => {
+                if let Some(error) = state.error.take() {
+                    info!(watch = name, last_error = %error, "watch recovered");
                 }
-                Err(err) => {
-                    state.errors_total += 1;
-                    let missing = is_not_found(&err);
-                    if state.error.is_none() {
-                        if missing {
-                            warn!(watch = name, "resource not served by the API server (CRDs from deploy/crds not installed?); none assumed, retrying");
-                        } else {
-                            warn!(watch = name, error = %err, "watch failed; objects already seen are kept, retrying");
+                match event {
+                    // A (re-)list is complete: the store has just swapped it in.
+                    Event::InitDone => {
+                        if !state.synced {
+                            debug!(watch = name, "first list complete");
                         }
-                    }
-                    // A custom resource that is not installed has no objects: that is a complete,
-                    // empty list, and must not hold up readiness.
-                    if missing && !state.synced {
                         state.synced = true;
                         changed.notify_one();
                     }
-                    state.error = Some(err.to_string());
+                    Event::Apply(_) | Event::Delete(_) => changed.notify_one(),
+                    Event::Init | Event::InitApply(_) => {}
                 }
+            }
+            Err(err) => {
+                state.errors_total += 1;
+                let missing = is_not_found(&err);
+                if state.error.is_none() {
+                    if missing {
+                        warn!(watch = name, "resource not served by the API server (CRDs from deploy/crds not installed?); none assumed, retrying");
+                    } else {
+                        warn!(watch = name, error = %err, "watch failed; objects already seen are kept, retrying");
+                    }
+                }
+                // A custom resource that is not installed has no objects: that is a complete,
+                // empty list, and must not hold up readiness.
+                if missing && !state.synced {
+                    state.synced = true;
+                    changed.notify_one();
+                }
+                state.error = Some(err.to_string());
             }
         }
     }

@@ -13,6 +13,18 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const DELIVERIES: &str = "DELIVERIES";
+    /// Every map: all are shared with the next agent on an upgrade.
+    pub const ALL: [&str; 9] = [
+        ENROLLED_NETNS,
+        ORIG_DST_BY_COOKIE,
+        ORIG_DST_BY_CLIENT,
+        EXCLUDED_PORTS,
+        EXCLUDED_CIDRS,
+        SETTINGS,
+        COUNTERS,
+        INBOUND_LISTENERS,
+        DELIVERIES,
+    ];
 }
 
 /// Capacity of the original-destination maps: the most redirected connections that can be in

@@ -126,6 +126,11 @@ mod programs {
         } else {
             unsafe { ((*sk).mark, (*sk).bound_dev_if) }
         };
+        // During an agent upgrade the old and the new agent's programs both run on each connect:
+        // the second sees the first one's redirect and must leave its record in place.
+        if ip == LOOPBACK_AGENT_IP && port == settings.outbound_port.to_be() {
+            return Verdict::Skip;
+        }
         let first_octet = u32::from_be(ip) >> 24;
         // 0.0.0.0/8 connects are local on Linux, like 127/8. Sockets bound to a device (VRF,
         // SO_BINDTODEVICE) could not reach the agent's loopback listener.
