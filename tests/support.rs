@@ -11,6 +11,8 @@ use std::{
     time::Duration,
 };
 
+pub mod fake_apiserver;
+
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use xtask::{

@@ -106,11 +106,23 @@ impl Readiness {
     }
 }
 
-/// Binds the listener of `what` (the admin or the metrics endpoint).
+/// Binds the listener of `what` (the admin or the metrics endpoint). SO_REUSEPORT lets an
+/// agent taking over (see `handover`) bind while the one it replaces still answers.
 pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on the {what} address {addr}"))
+    let bound = (|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    })();
+    bound.with_context(|| format!("cannot listen on the {what} address {addr}"))
 }
 
 /// Answers requests on `listener` with `routes` until `stop` (connections already accepted are

@@ -122,7 +122,19 @@ async fn serve_tunnel_connection(
         }
     };
     // Accepting also drives the connection: frames of open streams flow only while this runs.
-    while let Some(accepted) = connection.accept().await {
+    // Once the agent drains, GOAWAY tells the client agent to open new streams elsewhere (on a
+    // new connection, which reaches the agent that took over); open streams finish here.
+    let mut going_away = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept() => accepted,
+            () = ctx.draining.cancelled(), if !going_away => {
+                going_away = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(accepted) = accepted else { break };
         match accepted {
             Ok((request, respond)) => {
                 let (ctx, client) = (Arc::clone(ctx), Arc::clone(&client));

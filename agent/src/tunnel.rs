@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{client::SendRequest, Reason, RecvStream, SendStream};
 use http::{header::HeaderValue, Method, Request, StatusCode};
@@ -136,7 +136,10 @@ impl TunnelPool {
     }
 
     /// Opens a stream from `source` (a pod at `client_ip`) to `target` on `destination`,
-    /// carrying `app_protocol` (see [`APP_PROTOCOL`]) or, without it, opaque bytes.
+    /// carrying `app_protocol` (see [`APP_PROTOCOL`]) or, without it, opaque bytes. A pooled
+    /// connection the destination agent is closing (GOAWAY, say while it hands over to a new
+    /// agent) refuses new streams; the stream is then opened once more on a fresh connection:
+    /// nothing reached the app yet, so that is safe.
     pub async fn open_stream(
         &self,
         source: &Identity,
@@ -145,40 +148,18 @@ impl TunnelPool {
         target: SocketAddrV4,
         app_protocol: Option<&'static str>,
     ) -> Result<TunnelStream> {
-        let mut sender = self
-            .sender(source, destination)
-            .await?
-            .ready()
-            .await
-            .context("the tunnel connection cannot open streams")?;
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header(
-                FORWARDED,
-                HeaderValue::from_str(&format!("for={client_ip}"))?,
-            )
-            .body(())
-            .context("building the CONNECT request")?;
-        if let Some(protocol) = app_protocol {
-            request
-                .headers_mut()
-                .insert(APP_PROTOCOL, HeaderValue::from_static(protocol));
+        let (sender, closed) = self.sender(source, destination).await?;
+        match open_on(sender, client_ip, target, app_protocol).await {
+            Err(StreamError::Refused(err)) => {
+                debug!(error = format!("{err:#}"), destination = %destination.identity, "pooled tunnel connection refused the stream; opening it on a new one");
+                closed.store(true, Relaxed);
+                let (sender, _) = self.sender(source, destination).await?;
+                open_on(sender, client_ip, target, app_protocol)
+                    .await
+                    .map_err(StreamError::into_error)
+            }
+            opened => opened.map_err(StreamError::into_error),
         }
-        let (response, send) = sender
-            .send_request(request, false)
-            .context("sending CONNECT over the tunnel")?;
-        let response = response.await.context("the tunnel stream did not open")?;
-        if response.status() != StatusCode::OK {
-            bail!(
-                "the destination agent refused the stream: {}",
-                response.status()
-            );
-        }
-        Ok(TunnelStream {
-            send,
-            recv: response.into_body(),
-        })
     }
 
     /// A sender on a live pooled connection whose client certificate is current, dialling one
@@ -187,7 +168,7 @@ impl TunnelPool {
         &self,
         source: &Identity,
         destination: &Workload,
-    ) -> Result<SendRequest<Bytes>> {
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>)> {
         let key = PoolKey {
             source: source.clone(),
             node: destination.node.clone(),
@@ -198,13 +179,13 @@ impl TunnelPool {
         let current = self.certs.certificate(source)?;
         if let Some(pooled) = slot.as_ref() {
             if !pooled.closed.load(Relaxed) && Arc::ptr_eq(&pooled.certificate, &current) {
-                return Ok(pooled.sender.clone());
+                return Ok((pooled.sender.clone(), Arc::clone(&pooled.closed)));
             }
         }
         let pooled = self.dial(source, destination).await?;
-        let sender = pooled.sender.clone();
+        let opened = (pooled.sender.clone(), Arc::clone(&pooled.closed));
         *slot = Some(pooled);
-        Ok(sender)
+        Ok(opened)
     }
 
     async fn dial(&self, source: &Identity, destination: &Workload) -> Result<PooledConnection> {
@@ -275,6 +256,77 @@ impl TunnelPool {
             certificate,
         })
     }
+}
+
+/// Why a stream did not open.
+enum StreamError {
+    /// The connection takes no new streams (going away, or the stream was refused before the
+    /// destination agent handled it): another connection may.
+    Refused(anyhow::Error),
+    Failed(anyhow::Error),
+}
+
+impl StreamError {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            Self::Refused(err) | Self::Failed(err) => err,
+        }
+    }
+}
+
+/// The stream never reached the destination agent's handler: safe to open elsewhere.
+fn refused(err: &h2::Error) -> bool {
+    err.is_go_away() || err.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+async fn open_on(
+    sender: SendRequest<Bytes>,
+    client_ip: Ipv4Addr,
+    target: SocketAddrV4,
+    app_protocol: Option<&'static str>,
+) -> Result<TunnelStream, StreamError> {
+    let classify = |err: h2::Error, what: &'static str| {
+        let err_refused = refused(&err);
+        let err = anyhow::Error::new(err).context(what);
+        if err_refused {
+            StreamError::Refused(err)
+        } else {
+            StreamError::Failed(err)
+        }
+    };
+    let mut sender = sender
+        .ready()
+        .await
+        .map_err(|err| classify(err, "the tunnel connection cannot open streams"))?;
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header(FORWARDED, format!("for={client_ip}"))
+        .body(())
+        .map_err(|err| {
+            StreamError::Failed(anyhow::Error::new(err).context("building the CONNECT request"))
+        })?;
+    if let Some(protocol) = app_protocol {
+        request
+            .headers_mut()
+            .insert(APP_PROTOCOL, HeaderValue::from_static(protocol));
+    }
+    let (response, send) = sender
+        .send_request(request, false)
+        .map_err(|err| classify(err, "sending CONNECT over the tunnel"))?;
+    let response = response
+        .await
+        .map_err(|err| classify(err, "the tunnel stream did not open"))?;
+    if response.status() != StatusCode::OK {
+        return Err(StreamError::Failed(anyhow!(
+            "the destination agent refused the stream: {}",
+            response.status()
+        )));
+    }
+    Ok(TunnelStream {
+        send,
+        recv: response.into_body(),
+    })
 }
 
 /// One open CONNECT stream: a proxied TCP connection inside a tunnel connection.

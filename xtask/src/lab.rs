@@ -411,8 +411,23 @@ impl Lab {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         remove_cgroup_tree(&cgroup_root)?;
-        let _ = fs::remove_dir_all(PathBuf::from("/run/weft-lab").join(name));
+        let lab_dir = PathBuf::from("/run/weft-lab").join(name);
+        // A bpf filesystem a test mounted for pinned maps (see `Lab::mount_bpf_fs`).
+        let _ = Command::new("umount")
+            .arg(lab_dir.join("bpf"))
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(lab_dir);
         Ok(())
+    }
+
+    /// A bpf filesystem of this lab's own at `<dir>/bpf`, for agents that pin maps (hand-over);
+    /// `down` unmounts it, pins and all.
+    pub fn mount_bpf_fs(&self) -> Result<PathBuf> {
+        let dir = self.dir.join("bpf");
+        fs::create_dir_all(&dir)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir))?;
+        Ok(dir)
     }
 
     /// `program` run in the namespace of the bridge joining the nodes: where the wire is watched.

@@ -16,7 +16,7 @@ const PLUGIN_NAME: &str = "weft-cni";
 /// Installs or removes weft's CNI plugin on a node (run by the container runtime, with
 /// CNI_COMMAND set, it is the plugin itself).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
