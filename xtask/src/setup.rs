@@ -1,6 +1,7 @@
 //! Installs what building and testing weft needs on a Debian machine, idempotently: the nightly
-//! toolchain with rust-src, the LLVM matching the nightly, bpf-linker built against it, and the lab
-//! tools. When everything is present it only inspects and returns.
+//! toolchain with rust-src, the LLVM matching the nightly, bpf-linker built against it, the lab
+//! tools, and what validates the Kubernetes manifests offline (kubectl's kustomize and the Python
+//! package kubernetes-validate). When everything is present it only inspects and returns.
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
@@ -27,7 +28,14 @@ const LAB_PACKAGES: &[&str] = &[
     // The admin page's tests render it headless (chromium.rs); screenshots need a font.
     "chromium",
     "fonts-dejavu-core",
+    // The CNI plugins a pod network is made of (bridge, host-local, ... in /usr/lib/cni), for the
+    // tests of weft's CNI plugin chained after them.
+    "containernetworking-plugins",
 ];
+
+/// Python package whose bundled Kubernetes JSON schemas validate deploy/ offline (tests/deploy.rs).
+/// Pinned: each release ships the schemas of a window of Kubernetes versions, and the test names one.
+const KUBERNETES_VALIDATE: (&str, &str) = ("kubernetes-validate==1.37.0", "kubernetes_validate");
 
 pub fn ensure() -> Result<()> {
     ensure_nightly()?;
@@ -39,9 +47,67 @@ pub fn ensure() -> Result<()> {
         "libzstd-dev".into(),
         "zlib1g-dev".into(),
     ]);
+    // kubectl renders deploy/ (`kubectl kustomize`); machines may have it from another source
+    // than Debian, whose package is only the fallback.
+    if !succeeds(Command::new("kubectl").args(["version", "--client"])) {
+        packages.push("kubernetes-client".into());
+    }
+    if !succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+        packages.extend(["python3".into(), "python3-pip".into()]);
+    }
     ensure_debian_packages(&packages)?;
     ensure_bpf_linker(llvm_major)?;
+    ensure_python_package(KUBERNETES_VALIDATE)?;
     Ok(())
+}
+
+/// Whether `cmd` runs and exits 0, its output discarded.
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs a PyPI package for `python3` unless `module` already imports.
+fn ensure_python_package((package, module): (&str, &str)) -> Result<()> {
+    if succeeds(Command::new("python3").args(["-c", &format!("import {module}")])) {
+        return Ok(());
+    }
+    eprintln!("setup: installing the Python package {package}");
+    let install = |extra: &[&str]| {
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(extra)
+            .arg(package)
+            .stdout(Stdio::inherit())
+            .output()
+            .context("running python3 -m pip")
+    };
+    let mut out = install(&[])?;
+    // Debian's own python3 refuses pip installs outside a virtualenv (PEP 668); the package only
+    // adds a module and a command, so installing it system-wide is what this machine wants.
+    if !out.status.success() && is_externally_managed(&String::from_utf8_lossy(&out.stderr)) {
+        out = install(&["--break-system-packages"])?;
+    }
+    if !out.status.success() {
+        bail!(
+            "python3 -m pip install {package} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn is_externally_managed(pip_stderr: &str) -> bool {
+    pip_stderr.contains("externally-managed-environment")
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -188,12 +254,22 @@ fn ensure_bpf_linker(llvm_major: u32) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_llvm_major;
+    use super::{is_externally_managed, parse_llvm_major};
 
     #[test]
     fn llvm_major_is_read_from_rustc_version() {
         let text = "rustc 1.97.0-nightly\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
         assert_eq!(parse_llvm_major(text), Some(22));
         assert_eq!(parse_llvm_major("rustc 1.97.0\n"), None);
+    }
+
+    #[test]
+    fn pep_668_refusal_is_recognised() {
+        let refusal = "error: externally-managed-environment\n\n× This environment is externally \
+                       managed\n╰─> To install Python packages system-wide, try apt install";
+        assert!(is_externally_managed(refusal));
+        assert!(!is_externally_managed(
+            "ERROR: No matching distribution found for x"
+        ));
     }
 }
