@@ -1105,7 +1105,7 @@ fn the_agent_config_and_the_paths_it_names_are_mounted() {
     let file = config_file(&objects);
     assert_eq!(
         file["kubernetes"],
-        json!({"enabled": true, "cni_dir": "/var/run/weft", "proc_root": "/proc"})
+        json!({"enabled": true, "cni_dir": "/var/run/weft", "proc_root": "/host/proc"})
     );
     let pod = pod_spec(&objects);
 
@@ -1150,6 +1150,7 @@ fn the_agent_config_and_the_paths_it_names_are_mounted() {
     // propagation). The handover's pins and record are on the host, so the next agent finds them.
     let cgroup = config.agent.cgroup_path.to_str().unwrap();
     let cni_dir = str_at(&file, "/kubernetes/cni_dir");
+    let proc_root = str_at(&file, "/kubernetes/proc_root");
     let handover = config.agent.handover.expect("rolling updates hand over");
     let pins = handover.bpf_pin_dir.to_str().unwrap();
     let state = handover.state_dir.to_str().unwrap();
@@ -1173,6 +1174,8 @@ fn the_agent_config_and_the_paths_it_names_are_mounted() {
             host_to_container,
         ),
         ("agent", cni_dir, cni_dir, "/var/run/weft", true, None),
+        // Pods' sysctls are written through it.
+        ("agent", proc_root, proc_root, "/proc", true, None),
         ("agent", state, state, "/var/run/weft", true, None),
         (
             "install-cni",

@@ -59,7 +59,9 @@ pub struct KubernetesSettings {
     /// Where the CNI plugin reaches the agent (`cni.sock`) and finds the namespaces last known
     /// enrolled (`enrolled-namespaces.json`).
     pub cni_dir: PathBuf,
-    /// The node's /proc (hostPID): pods given by UID are found there.
+    /// The node's /proc: pods given by UID are found there, and the pods' sysctls are set through
+    /// it. In a container, mount the node's /proc elsewhere (e.g. /host/proc): the container's
+    /// own /proc/sys is read-only.
     pub proc_root: PathBuf,
 }
 

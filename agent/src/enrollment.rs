@@ -237,7 +237,10 @@ impl Enrollment {
         }
         // An agent taking over later joins these listeners; when this one then closes them, the
         // connections still queued move to the new agent's instead of being reset.
-        if let Err(err) = netns.enable_request_migration().await {
+        if let Err(err) = netns
+            .enable_request_migration(&self.settings.proc_root)
+            .await
+        {
             warn!(pod = %id, error = %err, "cannot enable tcp_migrate_req in the pod; an agent upgrade may reset connections queued at that moment");
         }
         let cookie = netns.cookie();
@@ -257,7 +260,7 @@ impl Enrollment {
         });
         let transparent_delivery = match &identity {
             Some(_) => match netns
-                .route_marked_replies_locally(settings.delivery_mark)
+                .route_marked_replies_locally(settings.delivery_mark, &settings.proc_root)
                 .await
             {
                 Ok(()) => true,

@@ -113,9 +113,9 @@ impl PodNetns {
     /// Sets `net.ipv4.tcp_migrate_req` in the pod's namespace: connections queued on a closing
     /// listener move to another listener of its SO_REUSEPORT group (Linux >= 5.14). The file is
     /// opened from a thread inside the namespace, so it is that namespace's sysctl.
-    pub async fn enable_request_migration(&self) -> io::Result<()> {
-        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
-            .await
+    pub async fn enable_request_migration(&self, proc_root: &Path) -> io::Result<()> {
+        let sysctl = proc_root.join("sys/net/ipv4/tcp_migrate_req");
+        self.run(move || std::fs::write(sysctl, "1")).await
     }
 
     /// An unconnected IPv4 TCP socket inside the pod, carrying `mark` so the hooks skip it.
@@ -156,11 +156,18 @@ impl PodNetns {
     /// marked packets are routed to loopback. Without `fwmark_reflect` a delivery to a port the
     /// app no longer listens on would wait for its connect timeout instead of being refused.
     /// Everything the app does otherwise is unmarked and untouched.
-    pub async fn route_marked_replies_locally(&self, mark: u32) -> io::Result<()> {
+    /// `proc_root` is a procfs whose `sys` is writable (a container's own /proc/sys is usually
+    /// read-only; the node's /proc mounted elsewhere is not).
+    pub async fn route_marked_replies_locally(
+        &self,
+        mark: u32,
+        proc_root: &Path,
+    ) -> io::Result<()> {
+        let ipv4 = proc_root.join("sys/net/ipv4");
         self.run(move || {
             // /proc/sys/net shows the namespace of the thread that opens it: this one's.
-            std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
-            std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
+            std::fs::write(ipv4.join("tcp_fwmark_accept"), "1")?;
+            std::fs::write(ipv4.join("fwmark_reflect"), "1")?;
             let table = mark.to_string();
             let mark = format!("{mark:#x}");
             let rules = ip_command(&["rule", "show", "fwmark", &mark])?;
