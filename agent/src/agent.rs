@@ -1,7 +1,7 @@
 //! The agent's lifecycle: preflight checks, attach, enroll from config, follow config changes,
 //! and on SIGTERM/SIGINT detach, stop accepting and drain.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -198,6 +198,7 @@ pub async fn run(
         file: config,
         cluster: None,
         cni_pods: BTreeMap::new(),
+        cni_deleted: BTreeSet::new(),
     };
     let mut applied = desired.file.clone();
     apply(
@@ -252,6 +253,8 @@ pub async fn run(
                     }
                 }
                 let first = desired.cluster.is_none();
+                // A deleted sandbox's pod is remembered only while the API server lists it.
+                desired.cni_deleted.retain(|uid| view.pods.iter().any(|pod| pod.uid.as_ref() == Some(uid)));
                 desired.cluster = Some(view);
                 match apply(&ctx, &mut enrollment, &desired, &startup, &kubernetes_report, &mut applied).await {
                     Ok(()) if first => {
@@ -382,13 +385,16 @@ struct Desired {
     file: Config,
     cluster: Option<ClusterConfig>,
     cni_pods: BTreeMap<String, PodSpec>,
+    /// UIDs of pods whose sandbox the CNI plugin saw deleted: not enrolled again (by UID) while
+    /// the API server still lists them, until a new ADD.
+    cni_deleted: BTreeSet<String>,
 }
 
 impl Desired {
     /// The config in force, and the cluster's objects left out of it.
     fn in_force(&self, startup: &Config) -> Result<(Config, Vec<Skipped>)> {
         let (merged, skipped) = match &self.cluster {
-            Some(cluster) => merge(&self.file, cluster, &self.cni_pods),
+            Some(cluster) => merge(&self.file, cluster, &self.cni_pods, &self.cni_deleted),
             None => (self.file.clone(), Vec::new()),
         };
         let merged = in_force(&merged, startup);
@@ -461,7 +467,17 @@ async fn cni_answer(
     let id = match admission {
         Admission::Answer(response) => return response,
         Admission::Release { uid } => {
-            if desired.cni_pods.remove(&uid).is_some() {
+            let known = desired.cni_pods.remove(&uid).is_some();
+            let listed = desired.cluster.as_ref().is_some_and(|cluster| {
+                cluster
+                    .pods
+                    .iter()
+                    .any(|pod| pod.uid.as_ref() == Some(&uid))
+            });
+            if listed {
+                desired.cni_deleted.insert(uid);
+            }
+            if known || listed {
                 if let Err(err) = apply(ctx, enrollment, desired, startup, report, applied).await {
                     error!(
                         error = format!("{err:#}"),
@@ -477,6 +493,7 @@ async fn cni_answer(
         Admission::Enroll(spec) => {
             let id = spec.id();
             let uid = spec.uid.clone().unwrap_or_default();
+            desired.cni_deleted.remove(&uid);
             desired.cni_pods.insert(uid, spec);
             if let Err(err) = apply(ctx, enrollment, desired, startup, report, applied).await {
                 return CniResponse::Error {

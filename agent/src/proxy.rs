@@ -313,7 +313,15 @@ fn connection_entry(
 ) -> AccessEntry {
     let mut entry = AccessEntry::connection(
         Reporter::Source,
-        Party::of(&pod.peer, client.peer_addr().ok()),
+        // The accepted socket's peer is the pod's redirected connect on loopback; the pod's own
+        // address with that port is what the connection looks like on the network.
+        Party::of(
+            &pod.peer,
+            client
+                .peer_addr()
+                .ok()
+                .map(|peer| SocketAddr::new(pod.ip.into(), peer.port())),
+        ),
         Party::of(&flow.destination, Some(SocketAddr::V4(destination))),
         flow.transport,
         start_time,

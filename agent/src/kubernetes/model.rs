@@ -459,11 +459,13 @@ fn skipped_custom(kind: &str, object: &DynamicObject, err: anyhow::Error) -> Ski
 /// The config in force: the file's entries plus the cluster's. On a clash (same pod, address,
 /// service, VIP or object name) the file wins and the cluster's entry is reported as skipped.
 /// Pods the CNI plugin enrolled (by UID) keep the network namespace path it gave, and are
-/// enrolled before the API server has their address, as long as their namespace is.
+/// enrolled before the API server has their address, as long as their namespace is; pods whose
+/// sandbox the plugin saw go (`cni_deleted`) are left out while the API server still lists them.
 pub fn merge(
     file: &Config,
     cluster: &ClusterConfig,
     cni_pods: &BTreeMap<String, PodSpec>,
+    cni_deleted: &BTreeSet<String>,
 ) -> (Config, Vec<Skipped>) {
     let mut config = file.clone();
     let mut skipped = cluster.skipped.clone();
@@ -478,7 +480,21 @@ pub fn merge(
     let early = cni_pods.iter().filter(|(uid, pod)| {
         !listed.contains(uid) && cluster.enrolled_namespaces.contains(&pod.namespace)
     });
+    let deleted = |pod: &&PodSpec| {
+        pod.uid
+            .as_ref()
+            .is_some_and(|uid| cni_deleted.contains(uid))
+    };
     for pod in cluster.pods.iter().chain(early.map(|(_, pod)| pod)) {
+        if deleted(&pod) {
+            skipped.push(Skipped::new(
+                "Pod",
+                &pod.namespace,
+                &pod.name,
+                "its sandbox was deleted (CNI DEL); waiting for the pod to go",
+            ));
+            continue;
+        }
         if pod_ids.contains(&pod.id()) || !ips.insert(pod.ip) {
             skipped.push(Skipped::new(
                 "Pod",
@@ -494,6 +510,13 @@ pub fn merge(
         }
         config.pods.push(pod);
     }
+    // Pods the plugin enrolled before the API server had their address are no longer skipped.
+    skipped.retain(|s| {
+        !config
+            .pods
+            .iter()
+            .any(|pod| s.object == format!("Pod {}/{}", pod.namespace, pod.name))
+    });
     for peer in &cluster.peers {
         if ips.insert(peer.ip) {
             config.peers.push(peer.clone());
@@ -581,7 +604,10 @@ mod tests {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": name, "namespace": namespace,
-                "uid": format!("0c3b6a1e-8f2d-4c55-9a7b-{:0>12}", name.len()),
+                "uid": format!(
+                    "0c3b6a1e-8f2d-4c55-9a7b-{:0>12}",
+                    name.bytes().map(u64::from).sum::<u64>()
+                ),
                 "resourceVersion": "4711",
                 "labels": {"app": "web", "pod-template-hash": "5d8f7c9b4"},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
@@ -783,7 +809,7 @@ mod tests {
         let web = &derived.pods[0];
         assert_eq!(
             web.uid.as_deref(),
-            Some("0c3b6a1e-8f2d-4c55-9a7b-000000000005")
+            Some("0c3b6a1e-8f2d-4c55-9a7b-000000000412")
         );
         assert_eq!(
             (web.netns.as_ref(), web.service_account.as_str()),
@@ -933,7 +959,7 @@ mod tests {
             ),
             (early.uid.clone().unwrap(), early),
         ]);
-        let (config, skipped) = merge(&file_config(), &derived, &cni);
+        let (config, skipped) = merge(&file_config(), &derived, &cni, &BTreeSet::new());
         config.validate().unwrap();
         let pods: Vec<_> = config
             .pods
@@ -952,8 +978,29 @@ mod tests {
         assert!(skipped
             .iter()
             .any(|s| s.object == "Pod shop/web-3" && s.reason.contains("config file")));
+        assert!(
+            !skipped.iter().any(|s| s.object == "Pod shop/fresh"),
+            "a pod the CNI plugin enrolled is not reported as skipped: {skipped:?}"
+        );
         assert_eq!(config.peers.len(), 2);
         assert_eq!(config.services.len(), 1);
         assert_eq!((config.policies.len(), config.routes.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_pod_whose_sandbox_was_deleted_is_not_enrolled_again_by_uid() {
+        let derived = derive(&cluster(), "node-1");
+        let web_uid = derived.pods[0].uid.clone().unwrap();
+        let (config, skipped) = merge(
+            &Config::default(),
+            &derived,
+            &BTreeMap::new(),
+            &BTreeSet::from([web_uid]),
+        );
+        let pods: Vec<_> = config.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(pods, ["web-3"]);
+        assert!(skipped
+            .iter()
+            .any(|s| s.object == "Pod shop/web-1" && s.reason.contains("CNI DEL")));
     }
 }
