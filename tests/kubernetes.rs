@@ -309,7 +309,10 @@ fn delivered_mtls(agent: &Agent, id: &str) -> Result<u64> {
 }
 
 /// The watches' state in `/config_dump`, by name: (synced, error, errors_total).
-fn watches(agent: &Agent) -> Result<BTreeMap<String, (bool, Option<String>, u64)>> {
+/// Per watch: (synced, last error, errors so far).
+type WatchTable = BTreeMap<String, (bool, Option<String>, u64)>;
+
+fn watches(agent: &Agent) -> Result<WatchTable> {
     let dump = admin(agent, "/config_dump")?;
     let table = dump["kubernetes"]["watches"]
         .as_object()
@@ -321,7 +324,7 @@ fn watches(agent: &Agent) -> Result<BTreeMap<String, (bool, Option<String>, u64)
                 name.clone(),
                 (
                     w["synced"].as_bool().unwrap_or(false),
-                    w["error"].as_str().map(str::to_owned),
+                    w["last_error"].as_str().map(str::to_owned),
                     w["errors_total"].as_u64().unwrap_or(0),
                 ),
             )
@@ -554,7 +557,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them_under_lo
 
     // Labelled: both pods are enrolled, found by UID, and the traffic goes through the tunnel.
     let label_at = Instant::now();
-    // (break) no label
+    server.apply(fake_apiserver::namespace("shop", &[MESH]));
     wait_pod_states(&agent_a, &enrolled(&["shop/a1"]))?;
     wait_pod_states(&agent_b, &enrolled(&["shop/b1"]))?;
     eprintln!("enrolled {:?} after labelling", label_at.elapsed());

@@ -30,7 +30,7 @@ use crate::{
     kubernetes::{
         cni_admission::{admit, Admission},
         model::{derive, merge, ClusterConfig, Skipped},
-        watch::ClusterWatch,
+        watch::{ClusterWatch, SETTLE},
         KubernetesReport,
     },
     l7::service::Services,
@@ -238,6 +238,8 @@ pub async fn run(
             }
             () = changes(cluster.as_ref()) => {
                 let Some(cluster) = &cluster else { continue };
+                // One rebuild for a burst of changes (a rollout touches a pod, its slice, ...).
+                tokio::time::sleep(SETTLE).await;
                 if !cluster.synced() {
                     continue;
                 }
@@ -416,6 +418,9 @@ async fn apply(
     applied: &mut Config,
 ) -> Result<()> {
     let (config, skipped) = desired.in_force(startup)?;
+    // Pods that leave are released before the state forgets them, so a connection still steered
+    // to one meanwhile is served as that pod's rather than reset as nobody's.
+    enrollment.release_absent(&config);
     let previous = ctx.state.get();
     ctx.state.replace(MeshState::from_config(
         &config,

@@ -133,9 +133,8 @@ impl Enrollment {
             .any(|s| matches!(s, PodStatus::Failed { .. }))
     }
 
-    /// Brings the enrolled pods in line with `config`. A pod that fails is reported and skipped;
-    /// every other pod is still applied.
-    pub async fn apply(&mut self, config: &Config) {
+    /// Releases the enrolled pods `config` no longer has (or has with other listeners).
+    pub fn release_absent(&mut self, config: &Config) {
         let desired: BTreeMap<PodId, &PodSpec> = config.pods.iter().map(|p| (p.id(), p)).collect();
         let gone: Vec<PodId> = self
             .enrolled
@@ -150,6 +149,13 @@ impl Enrollment {
         for id in gone {
             self.unenroll(&id);
         }
+    }
+
+    /// Brings the enrolled pods in line with `config`. A pod that fails is reported and skipped;
+    /// every other pod is still applied.
+    pub async fn apply(&mut self, config: &Config) {
+        self.release_absent(config);
+        let desired: BTreeMap<PodId, &PodSpec> = config.pods.iter().map(|p| (p.id(), p)).collect();
         let still_enrolled = &self.enrolled;
         lock(&self.status)
             .retain(|id, _| desired.contains_key(id) || still_enrolled.contains_key(id));

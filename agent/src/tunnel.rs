@@ -191,30 +191,7 @@ impl TunnelPool {
     async fn dial(&self, source: &Identity, destination: &Workload) -> Result<PooledConnection> {
         let address = SocketAddrV4::new(destination.ip, self.tunnel_port);
         let (tls_config, certificate) = self.certs.client_config(source, &destination.identity)?;
-        // Opened in the agent's own namespace: the connection is shared by all local pods of
-        // `source`; each stream names its pod in the `forwarded` header.
-        let socket = TcpSocket::new_v4().context("creating a tunnel socket")?;
-        socket2::SockRef::from(&socket)
-            .set_mark(self.socket_mark)
-            .context("marking a tunnel socket")?;
-        socket.set_nodelay(true)?;
-        // A pooled connection to a node or pod that vanished must fail in seconds, not after
-        // the kernel's ~15 minutes of retransmissions, or new streams would queue on it.
-        let socket_ref = socket2::SockRef::from(&socket);
-        socket_ref
-            .set_tcp_keepalive(
-                &socket2::TcpKeepalive::new()
-                    .with_time(TUNNEL_KEEPALIVE)
-                    .with_interval(TUNNEL_KEEPALIVE)
-                    .with_retries(3),
-            )
-            .context("enabling keepalive on a tunnel socket")?;
-        socket_ref
-            .set_tcp_user_timeout(Some(TUNNEL_KEEPALIVE * 3))
-            .context("setting the tunnel socket's user timeout")?;
-        let tcp = connect_within(socket, address, self.connect_timeout)
-            .await
-            .with_context(|| format!("connecting to the tunnel port {address}"))?;
+        let tcp = self.connect_tunnel_port(address).await?;
         let tls = tokio::time::timeout(
             self.connect_timeout,
             TlsConnector::from(tls_config).connect(
@@ -256,7 +233,58 @@ impl TunnelPool {
             certificate,
         })
     }
+
+    /// Connects to a destination's tunnel port. Refused connects are retried for a moment: a
+    /// namespace just enrolled reaches the agents of its nodes a few milliseconds apart, and the
+    /// destination's agent may not have opened the tunnel listener yet.
+    async fn connect_tunnel_port(&self, address: SocketAddrV4) -> Result<TcpStream> {
+        let deadline = tokio::time::Instant::now() + REFUSED_RETRY_PERIOD;
+        loop {
+            let socket = self.tunnel_socket()?;
+            match connect_within(socket, address, self.connect_timeout).await {
+                Err(err)
+                    if err.kind() == io::ErrorKind::ConnectionRefused
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(REFUSED_RETRY_INTERVAL).await;
+                }
+                connected => {
+                    return connected
+                        .with_context(|| format!("connecting to the tunnel port {address}"))
+                }
+            }
+        }
+    }
+
+    fn tunnel_socket(&self) -> Result<TcpSocket> {
+        // Opened in the agent's own namespace: the connection is shared by all local pods of
+        // `source`; each stream names its pod in the `forwarded` header.
+        let socket = TcpSocket::new_v4().context("creating a tunnel socket")?;
+        socket2::SockRef::from(&socket)
+            .set_mark(self.socket_mark)
+            .context("marking a tunnel socket")?;
+        socket.set_nodelay(true)?;
+        // A pooled connection to a node or pod that vanished must fail in seconds, not after
+        // the kernel's ~15 minutes of retransmissions, or new streams would queue on it.
+        let socket_ref = socket2::SockRef::from(&socket);
+        socket_ref
+            .set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(TUNNEL_KEEPALIVE)
+                    .with_interval(TUNNEL_KEEPALIVE)
+                    .with_retries(3),
+            )
+            .context("enabling keepalive on a tunnel socket")?;
+        socket_ref
+            .set_tcp_user_timeout(Some(TUNNEL_KEEPALIVE * 3))
+            .context("setting the tunnel socket's user timeout")?;
+        Ok(socket)
+    }
 }
+
+/// How long refused connects to a tunnel port are retried, and how often.
+const REFUSED_RETRY_PERIOD: Duration = Duration::from_secs(1);
+const REFUSED_RETRY_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Why a stream did not open.
 enum StreamError {

@@ -33,15 +33,16 @@ use crate::{config::KubernetesSettings, lock};
 
 /// Changes often come in bursts (a rollout touches a pod, its slice and its replica set);
 /// one rebuild after they settle is enough.
-const SETTLE: Duration = Duration::from_millis(100);
+pub const SETTLE: Duration = Duration::from_millis(100);
 
 /// How each watch is doing, for `/config_dump` and `/ready`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WatchStatus {
     /// The first complete list has arrived.
     pub synced: bool,
-    /// The last error, while the watch is failing.
-    pub error: Option<String>,
+    /// The last error, until the watch next delivers an event (a watch that resumes without
+    /// a change shows its last error until something changes).
+    pub last_error: Option<String>,
     pub errors_total: u64,
 }
 
@@ -137,10 +138,10 @@ impl ClusterWatch {
         Arc::clone(&self.status)
     }
 
-    /// Resolves after the next change, once the burst it belongs to has settled.
+    /// Resolves at the next change. Cancel-safe (a `select!` may drop it): a notification not
+    /// taken stays for the next call. The caller waits [`SETTLE`] before reading the stores.
     pub async fn changes(&self) {
         self.changed.notified().await;
-        tokio::time::sleep(SETTLE).await;
     }
 
     pub fn objects(&self) -> ClusterObjects {
@@ -244,7 +245,7 @@ where
         };
         match event {
             Ok(event) => {
-                if let Some(error) = state.error.take() {
+                if let Some(error) = state.last_error.take() {
                     info!(watch = name, last_error = %error, "watch recovered");
                 }
                 match event {
@@ -263,7 +264,7 @@ where
             Err(err) => {
                 state.errors_total += 1;
                 let missing = is_not_found(&err);
-                if state.error.is_none() {
+                if state.last_error.is_none() {
                     if missing {
                         warn!(watch = name, "resource not served by the API server (CRDs from deploy/crds not installed?); none assumed, retrying");
                     } else {
@@ -276,7 +277,7 @@ where
                     state.synced = true;
                     changed.notify_one();
                 }
-                state.error = Some(err.to_string());
+                state.last_error = Some(err.to_string());
             }
         }
     }
