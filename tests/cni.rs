@@ -23,6 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cni_runtime::{compact, Attachment, ChainRun, Invocation, Runtime};
 use serde_json::Value;
 use weft::cni::{CniCommand, CniRequest, CniResponse};
+use weft_lab_tests::weft_cni_binary;
 
 /// Where Debian's containernetworking-plugins installs bridge and host-local.
 const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
@@ -32,33 +33,6 @@ const BRIDGE: &str = "weftcni0";
 const SUBNET: &str = "10.203.0.0/24";
 const NAMESPACE: &str = "shop";
 const POD: &str = "web-0";
-
-/// The built weft-cni: next to `WEFT_BIN` when `cargo xtask test` runs the tests, else the
-/// newer of the release and debug builds.
-fn weft_cni_binary() -> Result<PathBuf> {
-    let candidates: Vec<PathBuf> = match std::env::var_os("WEFT_BIN") {
-        Some(weft) => vec![Path::new(&weft).with_file_name("weft-cni")],
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| xtask::workspace_root().join("target"));
-            ["release", "debug"]
-                .iter()
-                .map(|profile| target.join(profile).join("weft-cni"))
-                .collect()
-        }
-    };
-    candidates
-        .iter()
-        .filter_map(|path| Some((fs::metadata(path).ok()?.modified().ok()?, path)))
-        .max()
-        .map(|(_, path)| path.clone())
-        .with_context(|| {
-            format!(
-                "weft-cni is not built (looked for {candidates:?}): run `cargo build --release -p weft`"
-            )
-        })
-}
 
 /// The fake agent: the requests it saw and the answer it gives.
 struct FakeAgent {

@@ -10,10 +10,9 @@
 mod cni_runtime;
 
 use std::{
-    fs::{self, File},
+    fs,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddr, TcpListener},
-    os::fd::AsRawFd,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::mpsc,
@@ -21,13 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cni_runtime::{compact, Attachment, ChainRun, Invocation, Runtime};
 use serde_json::{json, Value};
 use weft_lab_tests::{
     counter,
-    fake_apiserver::{self, FakeApiServer, ResourceKind},
-    listen_in, TestLab,
+    fake_apiserver::{self, ResourceKind},
+    listen_in, start_fake_api_server, weft_cni_binary, TestLab,
 };
 use xtask::{
     agent::{Agent, ADMIN_ADDR},
@@ -55,52 +54,6 @@ const PLAIN: (&str, &str, &str) = ("plain", "other", "c0ffee00-0000-4000-8000-00
 const STEADY: (&str, &str, &str) = ("shop", "steady", "c0ffee00-0000-4000-8000-000000057ead");
 /// Where the lab pod a1 serves greetings.
 const SERVER_PORT: u16 = 7070;
-
-/// The built weft-cni: next to `WEFT_BIN` when that is set, else the newer of the release and
-/// debug builds.
-fn weft_cni_binary() -> Result<PathBuf> {
-    let candidates: Vec<PathBuf> = match std::env::var_os("WEFT_BIN") {
-        Some(weft) => vec![Path::new(&weft).with_file_name("weft-cni")],
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| xtask::workspace_root().join("target"));
-            ["release", "debug"]
-                .iter()
-                .map(|profile| target.join(profile).join("weft-cni"))
-                .collect()
-        }
-    };
-    candidates
-        .iter()
-        .filter_map(|path| Some((fs::metadata(path).ok()?.modified().ok()?, path)))
-        .max()
-        .map(|(_, path)| path.clone())
-        .with_context(|| {
-            format!("weft-cni is not built (looked for {candidates:?}): run `cargo xtask build`")
-        })
-}
-
-/// The fake API server, listening on the node's address inside the node's network namespace
-/// (where the agent runs), and the kubeconfig file naming it.
-fn start_api_server(lab: &Lab, node: &Node) -> Result<(FakeApiServer, PathBuf)> {
-    let netns = File::open(Path::new("/var/run/netns").join(&node.netns))
-        .context("opening the node's netns")?;
-    let addr = SocketAddr::from((node.ip, API_PORT));
-    let listener = thread::spawn(move || -> Result<TcpListener> {
-        // SAFETY: setns on this short-lived thread only; the fd is valid.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns into the node");
-        }
-        TcpListener::bind(addr).with_context(|| format!("binding {addr} in the node"))
-    })
-    .join()
-    .map_err(|_| anyhow!("listener thread panicked"))??;
-    let server = FakeApiServer::start(listener).context("starting the fake API server")?;
-    let kubeconfig = lab.dir.join("kubeconfig");
-    fs::write(&kubeconfig, server.kubeconfig())?;
-    Ok((server, kubeconfig))
-}
 
 /// The node's agent: capture at the node's pods cgroup, no identity (plain L4 capture shows
 /// enrollment), no pods of its own, everything from the cluster and the CNI plugin.
@@ -446,7 +399,7 @@ fn a_pod_added_through_the_cni_chain_is_captured_from_its_first_connect() -> Res
     let greeted = serve_greetings(server, SERVER_PORT)?;
     let greeting_server = SocketAddr::from((server.ip, SERVER_PORT));
     let nowhere = SocketAddr::from((GATEWAY, NOWHERE_PORT));
-    let (api, kubeconfig) = start_api_server(&lab, node)?;
+    let (api, kubeconfig) = start_fake_api_server(&lab, node, API_PORT)?;
     api.apply(fake_apiserver::namespace(MESHED.0, &[MESH]));
     api.apply(fake_apiserver::namespace(PLAIN.0, &[]));
     for pod in [MESHED, PLAIN, STEADY] {

@@ -8,9 +8,7 @@
 //! cgroup, so the agent finds the pod's namespace from its UID as it does on a real node.
 use std::{
     collections::BTreeMap,
-    fs::{self, File},
-    net::{SocketAddr, TcpListener},
-    os::fd::AsRawFd,
+    fs,
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
@@ -26,8 +24,8 @@ use prometheus_parse::{Scrape, Value as PromValue};
 use serde_json::{json, Value};
 use weft_lab_tests::{
     cgroup_program_ids,
-    fake_apiserver::{self, FakeApiServer, ResourceKind, Verb},
-    fetch, TestLab,
+    fake_apiserver::{self, ResourceKind, Verb},
+    fetch, start_fake_api_server, TestLab,
 };
 use xtask::{
     agent::{Agent, ADMIN_ADDR, TRUST_DOMAIN},
@@ -126,28 +124,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The fake API server, listening on node a's wire address inside node a's network namespace
-/// (every node reaches it over the wire), and the kubeconfig file naming it.
-fn start_api_server(lab: &Lab) -> Result<(FakeApiServer, PathBuf)> {
-    let node = lab.node("a")?;
-    let netns = File::open(Path::new("/var/run/netns").join(&node.netns))
-        .context("opening node a's netns")?;
-    let addr = SocketAddr::from((node.ip, API_PORT));
-    let listener = thread::spawn(move || -> Result<TcpListener> {
-        // SAFETY: setns on this short-lived thread only; the fd is valid.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns into node a");
-        }
-        TcpListener::bind(addr).with_context(|| format!("binding {addr} in node a"))
-    })
-    .join()
-    .map_err(|_| anyhow!("listener thread panicked"))??;
-    let server = FakeApiServer::start(listener).context("starting the fake API server")?;
-    let kubeconfig = lab.dir.join("kubeconfig");
-    fs::write(&kubeconfig, server.kubeconfig())?;
-    Ok((server, kubeconfig))
 }
 
 /// Identity on, Kubernetes on, no pods or peers of its own: everything comes from the cluster.
@@ -523,7 +499,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them_under_lo
     let lab = TestLab::up("kube", 2, 1)?;
     let ca = TestCa::new("weft lab mesh CA")?;
     let ca_files = ca.write(&lab.dir.join("ca"))?;
-    let (server, kubeconfig) = start_api_server(&lab)?;
+    let (server, kubeconfig) = start_fake_api_server(&lab, lab.node("a")?, API_PORT)?;
     let (node_a, node_b) = (lab.node("a")?, lab.node("b")?);
     let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
     let client = Sandbox::start(node_a, a1)?;
@@ -702,7 +678,7 @@ fn enrolled_pods_survive_api_server_trouble_and_the_watches_catch_up() -> Result
     let lab = TestLab::up("kube2", 2, 2)?;
     let ca = TestCa::new("weft lab mesh CA")?;
     let ca_files = ca.write(&lab.dir.join("ca"))?;
-    let (server, kubeconfig) = start_api_server(&lab)?;
+    let (server, kubeconfig) = start_fake_api_server(&lab, lab.node("a")?, API_PORT)?;
     let (node_a, node_b) = (lab.node("a")?, lab.node("b")?);
     let (a1, a2, b1) = (lab.pod("a1")?, lab.pod("a2")?, lab.pod("b1")?);
     let client = Sandbox::start(node_a, a1)?;

@@ -4,10 +4,9 @@
 //! `/config_dump` without key material, `/logging` changing the log filter at run time, and
 //! `/ready` while draining (need root).
 use std::{
-    fs::{self, File},
+    fs,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener},
-    os::fd::AsRawFd,
+    net::SocketAddr,
     process::Stdio,
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -17,7 +16,8 @@ use anyhow::{ensure, Context, Result};
 use prometheus_parse::{Scrape, Value as PromValue};
 use serde_json::Value;
 use weft_lab_tests::{
-    curl, fetch, flow, listen_in, load_url, start_meshed_agents, App, TestLab, APP_PORT,
+    curl, fetch, flow, listen_in, listen_on_node, load_url, start_meshed_agents, App, TestLab,
+    APP_PORT,
 };
 use xtask::{
     agent::{Agent, Mesh, ADMIN_ADDR, TRUST_DOMAIN},
@@ -78,16 +78,7 @@ fn admin(node: &Node, method: &str, path: &str) -> Result<Answer> {
 /// A TCP listener in `node`'s network namespace (bound by a thread that enters it) answering
 /// every connection with `hello`: shows what pods can reach on the node.
 fn serve_hello_on(node: &Node, addr: SocketAddr) -> Result<()> {
-    let netns = File::open(format!("/var/run/netns/{}", node.netns)).context("node netns")?;
-    let listener = thread::spawn(move || -> Result<TcpListener> {
-        // SAFETY: setns on this short-lived thread only; the fd is valid.
-        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns into the node");
-        }
-        TcpListener::bind(addr).with_context(|| format!("binding {addr} on the node"))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("listener thread panicked"))??;
+    let listener = listen_on_node(node, addr)?;
     thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
             let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\nhello\n");

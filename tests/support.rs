@@ -6,6 +6,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     ops::Deref,
     os::fd::AsRawFd,
+    path::{Path, PathBuf},
     process::Command,
     thread,
     time::Duration,
@@ -17,7 +18,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use xtask::{
     agent::{Agent, Mesh},
-    lab::{wait_for_tcp, Lab, LabSpec, Pod},
+    lab::{wait_for_tcp, Lab, LabSpec, Node, Pod},
 };
 
 /// A lab that is taken down when the test ends, pass or fail.
@@ -99,16 +100,66 @@ pub fn counter(stats: &Value, name: &str) -> u64 {
 
 /// A TCP listener bound inside `pod`'s network namespace (created by a thread that enters it).
 pub fn listen_in(pod: &Pod, addr: SocketAddr) -> Result<TcpListener> {
-    let netns = File::open(pod.netns_path()).context("opening pod netns")?;
+    listen_in_netns(&pod.netns_path(), addr)
+}
+
+/// A TCP listener bound inside `node`'s network namespace.
+pub fn listen_on_node(node: &Node, addr: SocketAddr) -> Result<TcpListener> {
+    listen_in_netns(&Path::new("/var/run/netns").join(&node.netns), addr)
+}
+
+fn listen_in_netns(netns_path: &Path, addr: SocketAddr) -> Result<TcpListener> {
+    let netns = File::open(netns_path)
+        .with_context(|| format!("opening netns {}", netns_path.display()))?;
     thread::spawn(move || -> Result<TcpListener> {
         // SAFETY: setns on this short-lived thread only; the fd is valid.
         if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns into pod");
+            return Err(std::io::Error::last_os_error()).context("setns");
         }
-        TcpListener::bind(addr).with_context(|| format!("binding {addr} in pod"))
+        TcpListener::bind(addr).with_context(|| format!("binding {addr} in the namespace"))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("listener thread panicked"))?
+}
+
+/// A fake API server on `node`'s address at `port`, inside the node's network namespace (where
+/// its agent runs; other nodes reach it over the wire), and a kubeconfig file naming it.
+pub fn start_fake_api_server(
+    lab: &Lab,
+    node: &Node,
+    port: u16,
+) -> Result<(fake_apiserver::FakeApiServer, PathBuf)> {
+    let listener = listen_on_node(node, SocketAddr::from((node.ip, port)))?;
+    let server =
+        fake_apiserver::FakeApiServer::start(listener).context("starting the fake API server")?;
+    let kubeconfig = lab.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig())?;
+    Ok((server, kubeconfig))
+}
+
+/// The built weft-cni: next to `WEFT_BIN` when that is set (`cargo xtask test`), else the newer
+/// of the release and debug builds.
+pub fn weft_cni_binary() -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match std::env::var_os("WEFT_BIN") {
+        Some(weft) => vec![Path::new(&weft).with_file_name("weft-cni")],
+        None => {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| xtask::workspace_root().join("target"));
+            ["release", "debug"]
+                .iter()
+                .map(|profile| target.join(profile).join("weft-cni"))
+                .collect()
+        }
+    };
+    candidates
+        .iter()
+        .filter_map(|path| Some((std::fs::metadata(path).ok()?.modified().ok()?, path)))
+        .max()
+        .map(|(_, path)| path.clone())
+        .with_context(|| {
+            format!("weft-cni is not built (looked for {candidates:?}): run `cargo xtask build`")
+        })
 }
 
 /// Serves `pod` at `addr`: each connection gets `response` after its request head, then closes.
