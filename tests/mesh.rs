@@ -14,7 +14,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use weft_lab_tests::{curl, fetch, flow, TestLab};
 use xtask::{
-    agent::{Agent, Mesh, TRUST_DOMAIN},
+    agent::{rewrite_configs, Agent, Mesh, TRUST_DOMAIN},
     lab::{Lab, Node, Pod},
     pki::{spiffe_id, TestCa},
 };
@@ -672,5 +672,78 @@ fn the_tunnel_port_survives_hostile_clients() -> Result<()> {
     );
     // And the agent still serves.
     ensure!(fetch(a1, &format!("http://{}/", b1.ip))? == "hello from b1\n");
+    Ok(())
+}
+
+#[test]
+fn a_workload_leaving_and_joining_the_mesh_under_traffic_loses_no_request() -> Result<()> {
+    // More than the switches take: the traffic is stopped once they are done.
+    const REQUESTS: usize = 1_000_000;
+    let (lab, _ca, mesh) = mesh_lab("mflip", 2)?;
+    let (node_a, node_b) = (lab.node("a")?, lab.node("b")?);
+    let (a1, a2, b1) = (lab.pod("a1")?, lab.pod("a2")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let mut without_b1 = mesh.clone();
+    without_b1.workloads.retain(|w| w.pod.name != b1.name);
+    let (mut agent_a, mut agent_b) = start_agents(&lab, &mesh, &[a1, b1])?;
+
+    // A meshed client (tunnel while b1 is meshed, plaintext while not) and an unmeshed one
+    // (steered to b's agent while b1 is meshed), each one new connection per request.
+    let traffic: Vec<Child> = [a1, a2]
+        .iter()
+        .map(|client| {
+            client
+                .command("curl")?
+                .args(["-sS", "-H", "Connection: close", "--max-time", "60"])
+                .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
+                .arg(format!("http://{}/?n=[1-{REQUESTS}]", b1.ip))
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting curl")
+        })
+        .collect::<Result<_>>()?;
+    // Each switch reaches both agents together: connections redirected or steered a moment
+    // before one agent lets b1 go still arrive at the other's listeners.
+    for _ in 0..4 {
+        for (mesh, b_enrolled) in [(&without_b1, &[][..]), (&mesh, &[b1][..])] {
+            rewrite_configs(&mut [
+                (&mut agent_a, &mesh.config_yaml(node_a, &[a1]), &[a1]),
+                (
+                    &mut agent_b,
+                    &mesh.config_yaml(node_b, b_enrolled),
+                    b_enrolled,
+                ),
+            ])?;
+            thread::sleep(Duration::from_millis(150));
+        }
+    }
+    for (client, mut curl) in [a1, a2].iter().zip(traffic) {
+        ensure!(
+            curl.try_wait()?.is_none(),
+            "{}: the traffic ended before the switches did",
+            client.name
+        );
+        // SAFETY: signalling our own child; the request in flight then is not reported.
+        unsafe { libc::kill(curl.id() as i32, libc::SIGTERM) };
+        let out = curl.wait_with_output()?;
+        let codes = String::from_utf8_lossy(&out.stdout);
+        let failed: Vec<&str> = codes.lines().filter(|code| *code != "200").collect();
+        ensure!(
+            codes.lines().count() >= 500 && failed.is_empty(),
+            "{}: {} of {} requests failed ({failed:?}): {}\nagent a:\n{}\nagent b:\n{}",
+            client.name,
+            failed.len(),
+            codes.lines().count(),
+            String::from_utf8_lossy(&out.stderr),
+            agent_a.log(),
+            agent_b.log()
+        );
+    }
+    let stats = agent_b.stats()?;
+    ensure!(
+        inbound(&stats, b1, "mtls") > 0 && inbound(&stats, b1, "plaintext") > 0,
+        "b1 was not reached both through the tunnel and steered: {}",
+        stats["inbound"]
+    );
     Ok(())
 }

@@ -126,6 +126,7 @@ pub async fn run(
         exhausted: Default::default(),
         access_log: AccessLog::stdout(&settings.access_log),
         local_pods: Default::default(),
+        leaving: Default::default(),
         connections: TaskTracker::new(),
         draining: CancellationToken::new(),
         abort: CancellationToken::new(),

@@ -403,8 +403,20 @@ impl Enrollment {
             return;
         }
         if let Some(pod) = self.enrolled.remove(id) {
-            self.release_inbound(pod.spec.ip, pod.inbound);
-            close_listener_after_linger(pod.stop_accepting);
+            let ip = pod.spec.ip;
+            // Called before the state forgets the pod, so its workload is still there to keep.
+            let proxy = crate::read(&self.ctx.local_pods).get(&ip).cloned();
+            let workload = self.ctx.state.get().local_workload(ip).cloned();
+            let leaving = proxy.zip(workload);
+            if let Some(leaving) = &leaving {
+                crate::write(&self.ctx.leaving).insert(ip, leaving.clone());
+            }
+            self.release_inbound(ip, pod.inbound);
+            close_listener_after_linger(
+                pod.stop_accepting,
+                leaving.map(|(proxy, _)| (ip, proxy)),
+                Arc::clone(&self.ctx),
+            );
         }
         lock(&self.status).remove(id);
         info!(pod = %id, "pod released");
@@ -436,9 +448,23 @@ impl Enrollment {
 /// accept queue; closing the listener at once would reset them, so it keeps accepting briefly.
 pub const LISTENER_LINGER: Duration = Duration::from_millis(250);
 
-fn close_listener_after_linger(stop_accepting: CancellationToken) {
+fn close_listener_after_linger(
+    stop_accepting: CancellationToken,
+    leaving: Option<(Ipv4Addr, Arc<PodProxy>)>,
+    ctx: Arc<ProxyContext>,
+) {
     tokio::spawn(async move {
         tokio::time::sleep(LISTENER_LINGER).await;
         stop_accepting.cancel();
+        if let Some((ip, proxy)) = leaving {
+            // Unless a pod enrolled at the same address has left since.
+            let mut pods = crate::write(&ctx.leaving);
+            if pods
+                .get(&ip)
+                .is_some_and(|(left, _)| Arc::ptr_eq(left, &proxy))
+            {
+                pods.remove(&ip);
+            }
+        }
     });
 }

@@ -365,7 +365,7 @@ fn check_stream(
             StatusCode::BAD_REQUEST,
             "the authority is not an IPv4 address and port",
         ))?;
-    let workload = state.local_workload(*target.ip()).ok_or((
+    let workload = ctx.arriving_workload(state, *target.ip()).ok_or((
         StatusCode::NOT_FOUND,
         "the target is not a workload on this node",
     ))?;
@@ -396,7 +396,7 @@ fn check_stream(
             }
         }
     };
-    Ok((Arc::clone(workload), target, source))
+    Ok((workload, target, source))
 }
 
 fn status_response(status: StatusCode) -> Response<()> {
@@ -438,7 +438,7 @@ async fn serve_plaintext(
         return;
     };
     let state = ctx.state.get();
-    let Some(workload) = state.local_workload(*target.ip()).cloned() else {
+    let Some(workload) = ctx.arriving_workload(&state, *target.ip()) else {
         warn!(pod = %pod.id, %target, "plaintext connection for an address that is not a local workload; resetting");
         let _ = client.set_zero_linger();
         return;

@@ -28,7 +28,7 @@ use crate::{
     identity::Identity,
     l7::{pool::ConnectionPool, trace::ExhaustedTraces},
     netns::PodNetns,
-    state::SharedState,
+    state::{MeshState, SharedState, Workload},
     stats::{ByteMeter, ConnectionBytes, Flow, FlowKey, Peer, Reporter, Stats, Transport},
     tunnel::{TunnelPool, TunnelStream},
 };
@@ -58,6 +58,10 @@ pub struct ProxyContext {
     pub access_log: AccessLog,
     /// Enrolled pods by IP, for delivering inbound streams.
     pub local_pods: RwLock<HashMap<Ipv4Addr, Arc<PodProxy>>>,
+    /// Pods released moments ago, by IP, with the workload they were: connections steered to
+    /// them before the release may still sit in their listeners' queues, and are served as
+    /// they would have been a moment earlier instead of being reset.
+    pub leaving: RwLock<HashMap<Ipv4Addr, (Arc<PodProxy>, Arc<Workload>)>>,
     /// Tracks open connections so shutdown can drain them.
     pub connections: TaskTracker,
     /// Cancelled when the agent starts draining: HTTP connections are asked to finish.
@@ -67,9 +71,24 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// The pod at `ip` inbound connections are delivered to, enrolled or leaving.
     pub fn local_pod(&self, ip: &Ipv4Addr) -> Option<Arc<PodProxy>> {
-        let pods = crate::read(&self.local_pods);
-        pods.get(ip).cloned()
+        if let Some(pod) = crate::read(&self.local_pods).get(ip) {
+            return Some(Arc::clone(pod));
+        }
+        crate::read(&self.leaving)
+            .get(ip)
+            .map(|(pod, _)| Arc::clone(pod))
+    }
+
+    /// The meshed workload at `ip` on this node in `state`, or the one that just left it.
+    pub fn arriving_workload(&self, state: &MeshState, ip: Ipv4Addr) -> Option<Arc<Workload>> {
+        if let Some(workload) = state.local_workload(ip) {
+            return Some(Arc::clone(workload));
+        }
+        crate::read(&self.leaving)
+            .get(&ip)
+            .map(|(_, workload)| Arc::clone(workload))
     }
 }
 

@@ -138,8 +138,10 @@ impl TunnelPool {
     /// Opens a stream from `source` (a pod at `client_ip`) to `target` on `destination`,
     /// carrying `app_protocol` (see [`APP_PROTOCOL`]) or, without it, opaque bytes. A pooled
     /// connection the destination agent is closing (GOAWAY, say while it hands over to a new
-    /// agent) refuses new streams; the stream is then opened once more on a fresh connection:
-    /// nothing reached the app yet, so that is safe.
+    /// agent) refuses new streams; the stream is then opened once more on a fresh connection.
+    /// A destination agent that does not serve the target yet is asked again for a moment: a
+    /// workload that just joined reaches the agents of its nodes a few milliseconds apart. Both
+    /// are safe, as nothing reached the app yet.
     pub async fn open_stream(
         &self,
         source: &Identity,
@@ -148,17 +150,22 @@ impl TunnelPool {
         target: SocketAddrV4,
         app_protocol: Option<&'static str>,
     ) -> Result<TunnelStream> {
-        let (sender, closed) = self.sender(source, destination).await?;
-        match open_on(sender, client_ip, target, app_protocol).await {
-            Err(StreamError::Refused(err)) => {
-                debug!(error = format!("{err:#}"), destination = %destination.identity, "pooled tunnel connection refused the stream; opening it on a new one");
-                closed.store(true, Relaxed);
-                let (sender, _) = self.sender(source, destination).await?;
-                open_on(sender, client_ip, target, app_protocol)
-                    .await
-                    .map_err(StreamError::into_error)
+        let deadline = tokio::time::Instant::now() + REFUSED_RETRY_PERIOD;
+        let mut reopened = false;
+        loop {
+            let (sender, closed) = self.sender(source, destination).await?;
+            match open_on(sender, client_ip, target, app_protocol).await {
+                Err(StreamError::Refused(err)) if !reopened => {
+                    debug!(error = format!("{err:#}"), destination = %destination.identity, "pooled tunnel connection refused the stream; opening it on a new one");
+                    closed.store(true, Relaxed);
+                    reopened = true;
+                }
+                Err(StreamError::NotServed(err)) if tokio::time::Instant::now() < deadline => {
+                    debug!(error = format!("{err:#}"), destination = %destination.identity, %target, "the destination agent does not serve the target yet; asking again");
+                    tokio::time::sleep(REFUSED_RETRY_INTERVAL).await;
+                }
+                opened => return opened.map_err(StreamError::into_error),
             }
-            opened => opened.map_err(StreamError::into_error),
         }
     }
 
@@ -291,13 +298,15 @@ enum StreamError {
     /// The connection takes no new streams (going away, or the stream was refused before the
     /// destination agent handled it): another connection may.
     Refused(anyhow::Error),
+    /// The destination agent has no such workload (404), perhaps not yet.
+    NotServed(anyhow::Error),
     Failed(anyhow::Error),
 }
 
 impl StreamError {
     fn into_error(self) -> anyhow::Error {
         match self {
-            Self::Refused(err) | Self::Failed(err) => err,
+            Self::Refused(err) | Self::NotServed(err) | Self::Failed(err) => err,
         }
     }
 }
@@ -346,10 +355,14 @@ async fn open_on(
         .await
         .map_err(|err| classify(err, "the tunnel stream did not open"))?;
     if response.status() != StatusCode::OK {
-        return Err(StreamError::Failed(anyhow!(
+        let err = anyhow!(
             "the destination agent refused the stream: {}",
             response.status()
-        )));
+        );
+        return Err(match response.status() {
+            StatusCode::NOT_FOUND => StreamError::NotServed(err),
+            _ => StreamError::Failed(err),
+        });
     }
     Ok(TunnelStream {
         send,

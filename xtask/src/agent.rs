@@ -167,6 +167,30 @@ fn yaml_list(items: &str) -> String {
 /// The trust domain of lab meshes.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
+/// Rewrites several agents' configs together, the way a cluster change reaches every node's
+/// agent at once, then waits for each as [`Agent::rewrite_config`] does.
+pub fn rewrite_configs(changes: &mut [(&mut Agent, &str, &[&Pod])]) -> Result<()> {
+    let mut before = Vec::with_capacity(changes.len());
+    for (agent, yaml, _) in changes.iter() {
+        before.push(agent.reloads());
+        write_atomically(&agent.config_path, yaml)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for ((agent, _, enrolled), before) in changes.iter_mut().zip(before) {
+        while agent.reloads() == before {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent on node {} did not reload its config",
+                    agent.node.name
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        agent.wait_enrolled(enrolled)?;
+    }
+    Ok(())
+}
+
 pub struct Agent {
     pub node: Node,
     config_path: PathBuf,
@@ -238,20 +262,11 @@ impl Agent {
     /// Rewrites the config with `yaml` and waits until the agent has applied it and exactly
     /// `enrolled` are enrolled.
     pub fn rewrite_config(&mut self, yaml: &str, enrolled: &[&Pod]) -> Result<()> {
-        let reloads = |agent: &Self| agent.log().matches(RELOADED).count();
-        let before = reloads(self);
-        write_atomically(&self.config_path, yaml)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while reloads(self) == before {
-            if Instant::now() > deadline {
-                bail!(
-                    "the agent on node {} did not reload its config",
-                    self.node.name
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        self.wait_enrolled(enrolled)
+        rewrite_configs(&mut [(self, yaml, enrolled)])
+    }
+
+    fn reloads(&self) -> usize {
+        self.log().matches(RELOADED).count()
     }
 
     /// `GET /stats` from the agent's admin endpoint (in the node's namespace).
