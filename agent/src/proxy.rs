@@ -35,6 +35,9 @@ use crate::{
 
 const COPY_BUFFER_BYTES: usize = 64 * 1024;
 
+/// Released pods by IP: the pod and the workload it was.
+pub type LeavingPods = HashMap<Ipv4Addr, (Arc<PodProxy>, Arc<Workload>)>;
+
 /// What every connection handler needs, shared by all pods.
 pub struct ProxyContext {
     pub datapath: Arc<Datapath>,
@@ -61,7 +64,7 @@ pub struct ProxyContext {
     /// Pods released moments ago, by IP, with the workload they were: connections steered to
     /// them before the release may still sit in their listeners' queues, and are served as
     /// they would have been a moment earlier instead of being reset.
-    pub leaving: RwLock<HashMap<Ipv4Addr, (Arc<PodProxy>, Arc<Workload>)>>,
+    pub leaving: RwLock<LeavingPods>,
     /// Tracks open connections so shutdown can drain them.
     pub connections: TaskTracker,
     /// Cancelled when the agent starts draining: HTTP connections are asked to finish.
