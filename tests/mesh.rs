@@ -317,6 +317,22 @@ fn strict_rejects_plaintext_and_permissive_delivers_it() -> Result<()> {
     // The meshed client still reaches the STRICT workload, through the tunnel.
     ensure!(fetch(a1, &format!("http://{}/", b1.ip))? == "hello from b1\n");
     ensure!(b1.nginx_clients()? == vec![a1.ip.to_string()]);
+    // The node itself (the kubelet's probes) is let through in plaintext.
+    let node_b = lab.node("b")?;
+    let from_node = node_b
+        .command("curl")?
+        .args(["-sS", "--max-time", "5", &format!("http://{}/", b1.ip)])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&from_node.stdout) == "hello from b1\n",
+        "the node's plaintext probe of a STRICT pod failed: {}",
+        String::from_utf8_lossy(&from_node.stderr)
+    );
+    let clients = b1.nginx_clients()?;
+    ensure!(
+        clients.len() == 2 && clients[1] != a2.ip.to_string() && clients[1] != a1.ip.to_string(),
+        "the probe did not come from the node: {clients:?}"
+    );
 
     let stats = server_agent.stats()?;
     ensure!(
@@ -325,6 +341,11 @@ fn strict_rejects_plaintext_and_permissive_delivers_it() -> Result<()> {
         stats["inbound"]
     );
     ensure!(inbound(&stats, b1, "mtls") == 1, "{}", stats["inbound"]);
+    ensure!(
+        inbound(&stats, b1, "plaintext") == 1,
+        "{}",
+        stats["inbound"]
+    );
     ensure!(
         inbound(&stats, b2, "plaintext") == 1,
         "{}",

@@ -123,6 +123,7 @@ pub async fn run(
         protocol_detection_timeout: settings.protocol_detection_timeout(),
         opaque_ports: settings.opaque_ports.clone(),
         retry_body_limit: settings.retry_body_limit_bytes,
+        strict_allows_node: settings.strict_allows_node,
         exhausted: Default::default(),
         access_log: AccessLog::stdout(&settings.access_log),
         local_pods: Default::default(),

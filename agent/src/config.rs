@@ -136,6 +136,10 @@ pub struct AgentSettings {
     /// SO_MARK of the sockets delivering inbound traffic to the app; replies to them are routed
     /// back to the agent by this mark.
     pub delivery_mark: u32,
+    /// STRICT pods still accept plaintext from the node itself (a source address of the node's
+    /// own network namespace): that is where the kubelet's health probes come from. Another pod
+    /// would have to spoof the node's address to pass.
+    pub strict_allows_node: bool,
     /// How long a connection to a service port without a declared protocol may take to send
     /// its first bytes before it is treated as opaque TCP (server-speaks-first protocols send
     /// nothing, so they wait this long once per connection).
@@ -204,6 +208,7 @@ impl Default for AgentSettings {
             protocol_detection_timeout_ms: 100,
             opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
             retry_body_limit_bytes: 64 * 1024,
+            strict_allows_node: true,
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
             metrics_idle_expiry_s: 600,
             access_log: AccessLogSettings::default(),

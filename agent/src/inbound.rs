@@ -460,7 +460,8 @@ async fn serve_plaintext(
         start_time: SystemTime::now(),
     };
     let workload = &arrival.workload;
-    if workload.inbound_mode == InboundMode::Strict {
+    let from_node = ctx.strict_allows_node && is_node_address(*peer.ip());
+    if workload.inbound_mode == InboundMode::Strict && !from_node {
         arrival.counters.plaintext_rejected.fetch_add(1, Relaxed);
         info!(pod = %workload.id, client = %peer, port = target.port(), "plaintext connection rejected (STRICT)");
         arrival.audit_refusal(ctx, STRICT_REFUSAL);
@@ -542,6 +543,27 @@ async fn serve_plaintext(
     }
     let (sent, received) = bytes.get();
     arrival.log(ctx, sent, received, "-");
+}
+
+/// Whether `ip` is an address of the agent's own network namespace, the node's (the agent runs
+/// in it; only pod network namespaces are entered, on helper threads). Asked only for plaintext
+/// to STRICT pods, which is rare, so the addresses are listed afresh: CNIs add some per pod.
+fn is_node_address(ip: Ipv4Addr) -> bool {
+    if ip.is_loopback() {
+        return false;
+    }
+    match nix::ifaddrs::getifaddrs() {
+        Ok(mut addresses) => addresses.any(|interface| {
+            interface
+                .address
+                .and_then(|address| address.as_sockaddr_in().map(|sin| sin.ip()))
+                == Some(ip)
+        }),
+        Err(err) => {
+            warn!(error = %err, "cannot list the node's addresses; plaintext from the node is rejected by STRICT pods");
+            false
+        }
+    }
 }
 
 /// Connects to the app from inside its pod, from the client's address when the pod's routing

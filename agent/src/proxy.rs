@@ -55,6 +55,8 @@ pub struct ProxyContext {
     pub opaque_ports: Vec<u16>,
     /// Request bodies up to this size are held for retries and mirrors.
     pub retry_body_limit: usize,
+    /// STRICT pods accept plaintext from the node's own addresses (the kubelet's probes).
+    pub strict_allows_node: bool,
     /// Traces whose requests this agent gave up retrying.
     pub exhausted: ExhaustedTraces,
     /// One line per connection and request.
