@@ -768,3 +768,68 @@ fn a_workload_leaving_and_joining_the_mesh_under_traffic_loses_no_request() -> R
     );
     Ok(())
 }
+
+#[test]
+fn idle_tunnels_are_closed_and_handshake_floods_are_shed() -> Result<()> {
+    const FLOOD: usize = 600;
+    let (lab, _ca, mut mesh) = mesh_lab("idle", 1)?;
+    mesh.agent_extra = "  tunnel_idle_timeout_ms: 2000\n".to_owned();
+    let (a1, b1) = (lab.pod("a1")?, lab.pod("b1")?);
+    let _nginx = b1.start_nginx()?;
+    let (client_agent, server_agent) = start_agents(&lab, &mesh, &[a1, b1])?;
+    let url = format!("http://{}/", b1.ip);
+    let tunnel_counter = |agent: &Agent, name: &str| -> Result<u64> {
+        Ok(agent.stats()?["tunnels"][name].as_u64().unwrap_or(0))
+    };
+
+    // Idle: the server closes the connection; the client agent opens a new one when it needs it.
+    ensure!(fetch(a1, &url)? == "hello from b1\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel_counter(&server_agent, "idle_closed")? == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the idle tunnel connection was not closed"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(fetch(a1, &url)? == "hello from b1\n");
+    ensure!(
+        tunnel_counter(&client_agent, "client_handshakes")? == 2,
+        "no new tunnel connection after the idle close: {}",
+        client_agent.stats()?["tunnels"]
+    );
+
+    // A flood of connections that never say hello: past the cap they are closed at once, and
+    // the pooled connection goes on serving.
+    let mut flood = lab
+        .node("a")?
+        .command("bash")?
+        .arg("-c")
+        .arg(format!(
+            "for i in $(seq {FLOOD}); do exec {{fd}}<>/dev/tcp/{}/{TUNNEL_PORT} || exit 1; done; sleep 30",
+            b1.ip
+        ))
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted = (FLOOD - 512) as u64;
+    let result = (|| -> Result<()> {
+        while tunnel_counter(&server_agent, "shed_handshakes")? < wanted {
+            ensure!(
+                Instant::now() < deadline,
+                "handshakes shed: {}",
+                server_agent.stats()?["tunnels"]
+            );
+            ensure!(fetch(a1, &url)? == "hello from b1\n");
+            thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(fetch(a1, &url)? == "hello from b1\n");
+        ensure!(
+            tunnel_counter(&client_agent, "client_handshakes")? == 2,
+            "the pooled tunnel connection did not carry the requests during the flood"
+        );
+        Ok(())
+    })();
+    let _ = flood.kill();
+    let _ = flood.wait();
+    result
+}

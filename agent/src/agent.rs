@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use notify::{RecursiveMode, Watcher};
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
@@ -27,6 +27,7 @@ use crate::{
     enrollment::{Enrollment, EnrollmentSettings, LISTENER_LINGER},
     handover::Handover,
     identity::{CertificateStore, MeshCa},
+    inbound::MAX_CONCURRENT_HANDSHAKES,
     kubernetes::{
         cni_admission::{admit, Admission},
         model::{derive, merge, ClusterConfig, Skipped},
@@ -120,6 +121,8 @@ pub async fn run(
         delivery_mark: settings.delivery_mark,
         tunnel_port: settings.inbound_port,
         connect_timeout: settings.connect_timeout(),
+        tunnel_idle_timeout: settings.tunnel_idle_timeout(),
+        handshakes: Semaphore::new(MAX_CONCURRENT_HANDSHAKES),
         protocol_detection_timeout: settings.protocol_detection_timeout(),
         opaque_ports: settings.opaque_ports.clone(),
         retry_body_limit: settings.retry_body_limit_bytes,

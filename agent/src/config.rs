@@ -126,6 +126,9 @@ pub struct AgentSettings {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<Ipv4Net>,
     pub connect_timeout_ms: u64,
+    /// A tunnel connection another agent opened here is closed (GOAWAY) once it has carried no
+    /// stream for this long; the other agent opens a new one when it needs it.
+    pub tunnel_idle_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     /// This node's name, as peers' `node` refer to it.
     pub node_name: String,
@@ -200,6 +203,7 @@ impl Default for AgentSettings {
             exclude_ports: Vec::new(),
             exclude_cidrs: Vec::new(),
             connect_timeout_ms: 5000,
+            tunnel_idle_timeout_ms: 300_000,
             drain_timeout_ms: 10_000,
             node_name: "local".to_owned(),
             inbound_port: 15008,
@@ -220,6 +224,10 @@ impl Default for AgentSettings {
 impl AgentSettings {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn tunnel_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.tunnel_idle_timeout_ms)
     }
 
     pub fn drain_timeout(&self) -> Duration {
@@ -479,6 +487,9 @@ impl Config {
         }
         if agent.connect_timeout_ms == 0 {
             bail!("agent.connect_timeout_ms must be greater than 0");
+        }
+        if agent.tunnel_idle_timeout_ms == 0 {
+            bail!("agent.tunnel_idle_timeout_ms must be greater than 0");
         }
         if !(1..=10_000).contains(&agent.protocol_detection_timeout_ms) {
             bail!("agent.protocol_detection_timeout_ms must be between 1 and 10000");
@@ -802,6 +813,9 @@ mod tests {
         assert!(error_of("").contains("empty"));
         assert!(error_of("  \n").contains("empty"));
         assert!(error_of("agent:\n  connect_timeout_ms: 0\n").contains("connect_timeout_ms"));
+        assert!(
+            error_of("agent:\n  tunnel_idle_timeout_ms: 0\n").contains("tunnel_idle_timeout_ms")
+        );
         let many_ports: Vec<String> = (1..=1025).map(|p| p.to_string()).collect();
         let text = format!("agent:\n  exclude_ports: [{}]\n", many_ports.join(","));
         assert!(error_of(&text).contains("at most 1024 ports"));

@@ -47,6 +47,9 @@ use crate::{
 const STRICT_REFUSAL: &str = "inbound_mode: STRICT";
 /// A client that opens TCP but never finishes its TLS hello must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tunnel handshakes a server runs at once; connections beyond are closed at once (the client
+/// agent's refused-connect retry and pool absorb it). Far above what a node's peers need.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 /// Far above what 1,000 concurrent connections between two identities need.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
 
@@ -59,6 +62,11 @@ async fn serve_tunnel_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let counters = &ctx.stats.tunnels;
+    let Ok(handshaking) = ctx.handshakes.try_acquire() else {
+        counters.shed_handshakes.fetch_add(1, Relaxed);
+        debug!(pod = %pod.id, %peer, "too many tunnel handshakes in progress; closing");
+        return;
+    };
     let handshake = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tls.accept(BufReader::with_capacity(TLS_READ_BUFFER_BYTES, stream)),
@@ -98,6 +106,7 @@ async fn serve_tunnel_connection(
             return;
         }
     };
+    drop(handshaking);
     counters.server_handshakes.fetch_add(1, Relaxed);
     debug!(pod = %pod.id, %peer, %client, "tunnel connection accepted");
     let client = Arc::new(client);
@@ -124,8 +133,11 @@ async fn serve_tunnel_connection(
     // Accepting also drives the connection: frames of open streams flow only while this runs.
     // Once the agent drains, GOAWAY tells the client agent to open new streams elsewhere (on a
     // new connection, which reaches the agent that took over); open streams finish here.
+    // A connection that carries no stream for the idle timeout is closed the same way.
     let mut going_away = false;
+    let streams = Arc::new(OpenStreams::default());
     loop {
+        let idle_deadline = streams.idle_since() + ctx.tunnel_idle_timeout;
         let accepted = tokio::select! {
             accepted = connection.accept() => accepted,
             () = ctx.draining.cancelled(), if !going_away => {
@@ -133,13 +145,24 @@ async fn serve_tunnel_connection(
                 connection.graceful_shutdown();
                 continue;
             }
+            () = tokio::time::sleep_until(idle_deadline), if !going_away => {
+                if streams.idle_since() + ctx.tunnel_idle_timeout <= tokio::time::Instant::now() {
+                    counters.idle_closed.fetch_add(1, Relaxed);
+                    debug!(pod = %pod.id, %peer, %client, "tunnel connection idle; closing");
+                    going_away = true;
+                    connection.graceful_shutdown();
+                }
+                continue;
+            }
         };
         let Some(accepted) = accepted else { break };
         match accepted {
             Ok((request, respond)) => {
                 let (ctx, client) = (Arc::clone(ctx), Arc::clone(&client));
+                let open = OpenStreams::open(&streams);
                 ctx.connections.clone().spawn(async move {
                     serve_stream(&ctx, &client, peer, request, respond).await;
+                    drop(open);
                 });
             }
             Err(err) => {
@@ -147,6 +170,43 @@ async fn serve_tunnel_connection(
                 warn!(pod = %pod.id, %peer, error = %err, "tunnel connection closed on a protocol error");
                 return;
             }
+        }
+    }
+}
+
+/// The streams open on one incoming tunnel connection, and since when it has had none.
+#[derive(Default)]
+struct OpenStreams(std::sync::Mutex<(usize, Option<tokio::time::Instant>)>);
+
+impl OpenStreams {
+    /// Counts a stream as open until the returned guard is dropped.
+    fn open(this: &Arc<Self>) -> OpenStream {
+        let mut state = crate::lock(&this.0);
+        state.0 += 1;
+        OpenStream(Arc::clone(this))
+    }
+
+    /// When the last stream closed (or the connection opened); now while streams are open, so
+    /// a busy connection is looked at again one timeout later (the loop is not woken when its
+    /// last stream closes).
+    fn idle_since(&self) -> tokio::time::Instant {
+        let mut state = crate::lock(&self.0);
+        let (open, since) = &mut *state;
+        if *open > 0 {
+            return tokio::time::Instant::now();
+        }
+        *since.get_or_insert_with(tokio::time::Instant::now)
+    }
+}
+
+struct OpenStream(Arc<OpenStreams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut state = crate::lock(&self.0 .0);
+        state.0 -= 1;
+        if state.0 == 0 {
+            state.1 = Some(tokio::time::Instant::now());
         }
     }
 }

@@ -303,6 +303,7 @@ fn weft_families(sources: &Sources) -> Vec<MetricFamily> {
         ("client", "ok", &tunnels.client_handshakes),
         ("server", "ok", &tunnels.server_handshakes),
         ("server", "rejected", &tunnels.rejected_handshakes),
+        ("server", "shed", &tunnels.shed_handshakes),
     ] {
         let labels = [("role", role.to_owned()), ("result", result.to_owned())];
         handshakes.counter_value(&labels, counter.load(Relaxed));
@@ -317,6 +318,11 @@ fn weft_families(sources: &Sources) -> Vec<MetricFamily> {
         "weft_tunnel_connection_errors_total",
         "Tunnel connections that ended on a protocol error.",
         &tunnels.connection_errors,
+    ));
+    families.push(single_counter(
+        "weft_tunnel_idle_closed_total",
+        "Incoming tunnel connections closed after carrying no stream for the idle timeout.",
+        &tunnels.idle_closed,
     ));
 
     let mut inbound = Family::counter(

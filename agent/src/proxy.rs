@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
+    sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
@@ -49,6 +50,11 @@ pub struct ProxyContext {
     pub delivery_mark: u32,
     pub tunnel_port: u16,
     pub connect_timeout: Duration,
+    /// Incoming tunnel connections without a stream for this long are closed.
+    pub tunnel_idle_timeout: Duration,
+    /// Tunnel TLS handshakes in progress as a server: bounded, so a flood of connections that
+    /// never finish their hello cannot take the agent's memory and CPU.
+    pub handshakes: Semaphore,
     /// How long a service connection may stay silent before it is taken for opaque TCP.
     pub protocol_detection_timeout: Duration,
     /// Service ports never inspected for HTTP.

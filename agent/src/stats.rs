@@ -533,6 +533,11 @@ pub struct TunnelCounters {
     pub rejected_streams: AtomicU64,
     /// Tunnel connections that ended with a protocol error.
     pub connection_errors: AtomicU64,
+    /// Incoming tunnel connections closed before their handshake because too many handshakes
+    /// were in progress.
+    pub shed_handshakes: AtomicU64,
+    /// Incoming tunnel connections closed after carrying no stream for the idle timeout.
+    pub idle_closed: AtomicU64,
 }
 
 /// Traffic to one service port, as the client side sees it.
