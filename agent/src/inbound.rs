@@ -47,8 +47,8 @@ use crate::{
 const STRICT_REFUSAL: &str = "inbound_mode: STRICT";
 /// A client that opens TCP but never finishes its TLS hello must not hold a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tunnel handshakes a server runs at once; connections beyond are closed at once (the client
-/// agent's refused-connect retry and pool absorb it). Far above what a node's peers need.
+/// Tunnel handshakes a server runs at once; connections beyond are closed at once, failing
+/// that dial (pooled connections are unaffected). Far above what a node's peers need.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 512;
 /// Far above what 1,000 concurrent connections between two identities need.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
