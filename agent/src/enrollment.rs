@@ -370,14 +370,20 @@ impl Enrollment {
     }
 
     /// Stops steering the pod's inbound connections to the agent and forgets it as a delivery
-    /// target. A failure is logged: the capture goes at the latest with the agent.
-    fn release_inbound(&self, ip: Ipv4Addr, capture: Option<InboundCapture>) {
-        crate::write(&self.ctx.local_pods).remove(&ip);
+    /// target, which it returns. A failure is logged: the capture goes at the latest with the
+    /// agent.
+    fn release_inbound(
+        &self,
+        ip: Ipv4Addr,
+        capture: Option<InboundCapture>,
+    ) -> Option<Arc<PodProxy>> {
+        let proxy = crate::write(&self.ctx.local_pods).remove(&ip);
         if let Some(capture) = capture {
             if let Err(err) = self.ctx.datapath.release_inbound(capture) {
                 error!(%ip, error = format!("{err:#}"), "cannot release inbound capture");
             }
         }
+        proxy
     }
 
     /// Releases capture first so the pod's next connect goes direct, then closes the listener
@@ -404,14 +410,13 @@ impl Enrollment {
         }
         if let Some(pod) = self.enrolled.remove(id) {
             let ip = pod.spec.ip;
+            let proxy = self.release_inbound(ip, pod.inbound);
             // Called before the state forgets the pod, so its workload is still there to keep.
-            let proxy = crate::read(&self.ctx.local_pods).get(&ip).cloned();
             let workload = self.ctx.state.get().local_workload(ip).cloned();
             let leaving = proxy.zip(workload);
             if let Some(leaving) = &leaving {
                 crate::write(&self.ctx.leaving).insert(ip, leaving.clone());
             }
-            self.release_inbound(ip, pod.inbound);
             close_listener_after_linger(
                 pod.stop_accepting,
                 leaving.map(|(proxy, _)| (ip, proxy)),

@@ -136,8 +136,9 @@ async fn serve_tunnel_connection(
     // A connection that carries no stream for the idle timeout is closed the same way.
     let mut going_away = false;
     let streams = Arc::new(OpenStreams::default());
+    let idle_check = tokio::time::sleep(ctx.tunnel_idle_timeout);
+    tokio::pin!(idle_check);
     loop {
-        let idle_deadline = streams.idle_since() + ctx.tunnel_idle_timeout;
         let accepted = tokio::select! {
             accepted = connection.accept() => accepted,
             () = ctx.draining.cancelled(), if !going_away => {
@@ -145,12 +146,15 @@ async fn serve_tunnel_connection(
                 connection.graceful_shutdown();
                 continue;
             }
-            () = tokio::time::sleep_until(idle_deadline), if !going_away => {
-                if streams.idle_since() + ctx.tunnel_idle_timeout <= tokio::time::Instant::now() {
+            () = &mut idle_check, if !going_away => {
+                let idle_deadline = streams.idle_since() + ctx.tunnel_idle_timeout;
+                if idle_deadline <= tokio::time::Instant::now() {
                     counters.idle_closed.fetch_add(1, Relaxed);
                     debug!(pod = %pod.id, %peer, %client, "tunnel connection idle; closing");
                     going_away = true;
                     connection.graceful_shutdown();
+                } else {
+                    idle_check.as_mut().reset(idle_deadline);
                 }
                 continue;
             }
@@ -188,7 +192,7 @@ impl OpenStreams {
 
     /// When the last stream closed (or the connection opened); now while streams are open, so
     /// a busy connection is looked at again one timeout later (the loop is not woken when its
-    /// last stream closes).
+    /// last stream closes, only when its idle check is due).
     fn idle_since(&self) -> tokio::time::Instant {
         let mut state = crate::lock(&self.0);
         let (open, since) = &mut *state;
