@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use weft_lab_tests::{
-    cgroup_program_ids, counter, curl, fetch, flow, program_loaded, serve_count_in, serve_http_in,
-    serve_reset_in, TestLab,
+    cgroup_program_ids, counter, curl, fetch, flow, program_loaded, requests_back_to_back,
+    serve_count_in, serve_http_in, serve_reset_in, TestLab,
 };
 use xtask::{
     agent::{config_yaml, Agent},
@@ -604,13 +604,7 @@ fn toggling_enrollment_under_continuous_traffic_loses_no_request() -> Result<()>
     let mut agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
 
     // One new connection per request, back to back, while capture is switched on and off.
-    let traffic = a1
-        .command("curl")?
-        .args(["-sS", "-H", "Connection: close", "--max-time", "60"])
-        .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
-        .arg(format!("http://{}/?n=[1-{REQUESTS}]", b1.ip))
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let traffic = requests_back_to_back(a1, &format!("http://{}/", b1.ip), REQUESTS)?;
     for _ in 0..4 {
         agent.set_enrolled(&[])?;
         thread::sleep(Duration::from_millis(100));

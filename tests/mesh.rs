@@ -2,7 +2,6 @@
 //! inbound capture (STRICT/PERMISSIVE) and authorization policies (need root).
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     thread,
@@ -12,7 +11,7 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use time::OffsetDateTime;
-use weft_lab_tests::{curl, fetch, flow, TestLab};
+use weft_lab_tests::{curl, fetch, flow, requests_back_to_back, HeldConnections, TestLab};
 use xtask::{
     agent::{rewrite_configs, Agent, Mesh, TRUST_DOMAIN},
     lab::{Lab, Node, Pod},
@@ -576,18 +575,12 @@ fn a_thousand_streams_share_one_tunnel_connection() -> Result<()> {
     for n in 1..=STREAMS {
         fs::write(b1.dir.join(format!("www/{n}")), format!("page {n}\n"))?;
     }
-    let mut client = a1
-        .command(env!("CARGO_BIN_EXE_held-connections"))?
-        .args([format!("{}:80", b1.ip), STREAMS.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
-    let first = lines.next().transpose()?.unwrap_or_default();
-    ensure!(
-        first == format!("connected {STREAMS}"),
-        "client said {first:?}"
-    );
+    let held_connections = HeldConnections::open(
+        a1,
+        env!("CARGO_BIN_EXE_held-connections"),
+        &format!("{}:80", b1.ip),
+        STREAMS,
+    )?;
     // All connections are open at once: as many streams are open on the tunnel.
     let to_b1 = format!("{}:80", b1.ip);
     let held = stats_when(&client_agent, |s| {
@@ -595,13 +588,7 @@ fn a_thousand_streams_share_one_tunnel_connection() -> Result<()> {
     })?;
     let f = flow(&held, a1, &to_b1).context("no flow")?;
     ensure!(f["active"] == STREAMS, "not all streams open at once: {f}");
-    writeln!(client.stdin.take().context("stdin")?)?;
-    let last = lines.next().transpose()?.unwrap_or_default();
-    let status = client.wait()?;
-    ensure!(
-        status.success() && last == format!("ok {STREAMS}"),
-        "held connections failed: {status} {last:?}"
-    );
+    held_connections.finish()?;
     let client = client_agent.stats()?;
     let f = flow(&client, a1, &format!("{}:80", b1.ip)).context("no flow")?;
     ensure!(f["opened"] == STREAMS && f["failed"] == 0, "flow {f}");
@@ -710,18 +697,10 @@ fn a_workload_leaving_and_joining_the_mesh_under_traffic_loses_no_request() -> R
 
     // A meshed client (tunnel while b1 is meshed, plaintext while not) and an unmeshed one
     // (steered to b's agent while b1 is meshed), each one new connection per request.
+    let url = format!("http://{}/", b1.ip);
     let traffic: Vec<Child> = [a1, a2]
         .iter()
-        .map(|client| {
-            client
-                .command("curl")?
-                .args(["-sS", "-H", "Connection: close", "--max-time", "60"])
-                .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
-                .arg(format!("http://{}/?n=[1-{REQUESTS}]", b1.ip))
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("starting curl")
-        })
+        .map(|client| requests_back_to_back(client, &url, REQUESTS))
         .collect::<Result<_>>()?;
     // Each switch reaches both agents together: connections redirected or steered a moment
     // before one agent lets b1 go still arrive at the other's listeners.

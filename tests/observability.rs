@@ -5,7 +5,7 @@
 //! `/ready` while draining (need root).
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::SocketAddr,
     process::Stdio,
     thread,
@@ -16,8 +16,8 @@ use anyhow::{ensure, Context, Result};
 use prometheus_parse::{Scrape, Value as PromValue};
 use serde_json::Value;
 use weft_lab_tests::{
-    curl, fetch, flow, listen_in, listen_on_node, load_url, start_meshed_agents, App, TestLab,
-    APP_PORT,
+    curl, fetch, flow, listen_in, listen_on_node, load_url, start_meshed_agents, App,
+    HeldConnections, TestLab, APP_PORT,
 };
 use xtask::{
     agent::{Agent, Mesh, ADMIN_ADDR, TRUST_DOMAIN},
@@ -321,18 +321,12 @@ fn ready_is_503_while_draining() -> Result<()> {
     let mut agent = Agent::start(&lab, lab.node("a")?, &[a1])?;
     let node = agent.node.clone();
 
-    let mut client = a1
-        .command(env!("CARGO_BIN_EXE_held-connections"))?
-        .args([format!("{}:80", b1.ip), HELD.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
-    let first = lines.next().transpose()?.unwrap_or_default();
-    ensure!(
-        first == format!("connected {HELD}"),
-        "client said {first:?}"
-    );
+    let held_connections = HeldConnections::open(
+        a1,
+        env!("CARGO_BIN_EXE_held-connections"),
+        &format!("{}:80", b1.ip),
+        HELD,
+    )?;
     let destination = format!("{}:80", b1.ip);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !flow(&agent.stats()?, a1, &destination).is_some_and(|f| f["active"] == HELD) {
@@ -378,13 +372,9 @@ fn ready_is_503_while_draining() -> Result<()> {
     ensure!(admin(&node, "GET", "/healthz")?.status == 200);
 
     // The held connections still work, and once they end the agent stops.
-    writeln!(client.stdin.take().context("stdin")?)?;
-    let last = lines.next().transpose()?.unwrap_or_default();
-    let status = client.wait()?;
-    ensure!(
-        status.success() && last == format!("ok {HELD}"),
-        "held connections failed while draining: {status} {last:?}"
-    );
+    held_connections
+        .finish()
+        .context("the held connections while draining")?;
     let code = agent.stop_with(libc::SIGTERM, Duration::from_secs(10))?;
     ensure!(
         code == Some(0),

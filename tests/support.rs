@@ -2,12 +2,12 @@
 //! pod's network namespace, and bpftool queries.
 use std::{
     fs::File,
-    io::{Read, Write},
+    io::{BufRead, BufReader, Lines, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     ops::Deref,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, ChildStdout, Command, Stdio},
     thread,
     time::Duration,
 };
@@ -83,6 +83,61 @@ pub fn fetch(pod: &Pod, url: &str) -> Result<String> {
         );
     }
     Ok(result.body)
+}
+
+/// Starts curl in `pod` requesting `url` `count` times back to back (a `[1-count]` query glob),
+/// a new connection each; it prints one HTTP status per line on its piped stdout.
+pub fn requests_back_to_back(pod: &Pod, url: &str, count: usize) -> Result<Child> {
+    pod.command("curl")?
+        .args(["-sS", "-H", "Connection: close", "--max-time", "60"])
+        .args(["-o", "/dev/null", "-w", "%{http_code}\\n"])
+        .arg(format!("{url}?n=[1-{count}]"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting curl")
+}
+
+/// `count` connections from a pod to one target, all open at once, held by the tests'
+/// `held-connections` program (`program`: its path, `env!("CARGO_BIN_EXE_held-connections")`).
+pub struct HeldConnections {
+    client: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    count: usize,
+}
+
+impl HeldConnections {
+    /// Opens the connections and waits until the program says they all are.
+    pub fn open(pod: &Pod, program: &str, target: &str, count: usize) -> Result<Self> {
+        let mut client = pod
+            .command(program)?
+            .args([target.to_owned(), count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut lines = BufReader::new(client.stdout.take().context("stdout")?).lines();
+        let first = lines.next().transpose()?.unwrap_or_default();
+        ensure!(
+            first == format!("connected {count}"),
+            "client said {first:?}"
+        );
+        Ok(Self {
+            client,
+            lines,
+            count,
+        })
+    }
+
+    /// Has every connection exchange its request and close; fails unless all succeeded.
+    pub fn finish(mut self) -> Result<()> {
+        writeln!(self.client.stdin.take().context("stdin")?)?;
+        let last = self.lines.next().transpose()?.unwrap_or_default();
+        let status = self.client.wait()?;
+        ensure!(
+            status.success() && last == format!("ok {}", self.count),
+            "held connections failed: {status} {last:?}"
+        );
+        Ok(())
+    }
 }
 
 /// The flow entry of `/stats` for (pod, destination), if the agent has one.
