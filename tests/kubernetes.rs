@@ -54,7 +54,7 @@ struct Sandbox {
 impl Sandbox {
     fn start(node: &Node, pod: &Pod) -> Result<Self> {
         let n = u32::from(pod.ip);
-        let uid = format!("5eed0000-0000-4000-8000-{n:012x}");
+        let uid = sandbox_uid(pod);
         let scope = node
             .pods_cgroup
             .join("kubepods.slice/kubepods-besteffort.slice")
@@ -88,19 +88,8 @@ impl Sandbox {
         Ok(())
     }
 
-    /// The Pod object: running on its node with the lab pod's IP, service account `sa-<pod>`.
     fn object(&self, namespace: &str) -> Value {
-        let service_account = format!("sa-{}", self.pod.name);
-        let mut pod = fake_apiserver::pod(
-            namespace,
-            &self.pod.name,
-            &self.node,
-            Some(self.pod.ip),
-            &service_account,
-            &[("app", &self.pod.name)],
-        );
-        pod["metadata"]["uid"] = json!(self.uid);
-        pod
+        pod_object(namespace, &self.pod, &self.node, &self.uid)
     }
 
     /// `program` run in the pod: its network namespace and its container cgroup.
@@ -114,6 +103,27 @@ impl Drop for Sandbox {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The UID of the Pod object of a lab pod.
+fn sandbox_uid(pod: &Pod) -> String {
+    format!("5eed0000-0000-4000-8000-{:012x}", u32::from(pod.ip))
+}
+
+/// The Pod object of a lab pod: running on `node` with the lab pod's IP, service account
+/// `sa-<pod>`.
+fn pod_object(namespace: &str, pod: &Pod, node: &str, uid: &str) -> Value {
+    let service_account = format!("sa-{}", pod.name);
+    let mut object = fake_apiserver::pod(
+        namespace,
+        &pod.name,
+        node,
+        Some(pod.ip),
+        &service_account,
+        &[("app", &pod.name)],
+    );
+    object["metadata"]["uid"] = json!(uid);
+    object
 }
 
 /// Kills a process when dropped.
@@ -141,19 +151,29 @@ fn agent_config(lab: &Lab, node: &Node, ca: &(PathBuf, PathBuf), kubeconfig: &Pa
     )
 }
 
-/// An agent on node a and on node b, each once it has applied the cluster's state.
+/// The agent of `node`, once it has applied the cluster's state.
+fn start_agent(
+    lab: &Lab,
+    node: &Node,
+    ca: &(PathBuf, PathBuf),
+    kubeconfig: &Path,
+) -> Result<Agent> {
+    let agent = Agent::start_with(lab, node, &agent_config(lab, node, ca, kubeconfig), &[])?;
+    wait_for(
+        &format!("the agent on node {} to apply the cluster state", node.name),
+        Duration::from_secs(15),
+        || Ok(agent.log().contains("cluster state applied").then_some(())),
+    )
+    .with_context(|| agent.log())?;
+    Ok(agent)
+}
+
+/// An agent on node a and on node b.
 fn start_agents(lab: &Lab, ca: &(PathBuf, PathBuf), kubeconfig: &Path) -> Result<[Agent; 2]> {
-    let start = |node: &Node| -> Result<Agent> {
-        let agent = Agent::start_with(lab, node, &agent_config(lab, node, ca, kubeconfig), &[])?;
-        wait_for(
-            &format!("the agent on node {} to apply the cluster state", node.name),
-            Duration::from_secs(15),
-            || Ok(agent.log().contains("cluster state applied").then_some(())),
-        )
-        .with_context(|| agent.log())?;
-        Ok(agent)
-    };
-    Ok([start(lab.node("a")?)?, start(lab.node("b")?)?])
+    Ok([
+        start_agent(lab, lab.node("a")?, ca, kubeconfig)?,
+        start_agent(lab, lab.node("b")?, ca, kubeconfig)?,
+    ])
 }
 
 /// Polls `check` every 100 ms until it yields a value; fails after `timeout` (or on its error).
@@ -236,6 +256,11 @@ fn wait_pod_states(agent: &Agent, want: &BTreeMap<String, String>) -> Result<()>
 
 /// `weft_pods{state="enrolled"}` of the agent's `/metrics` (default address, in the node).
 fn enrolled_gauge(agent: &Agent) -> Result<f64> {
+    pods_gauge(agent, &[("state", "enrolled")])
+}
+
+/// The sum of the `weft_pods` samples carrying `labels`.
+fn pods_gauge(agent: &Agent, labels: &[(&str, &str)]) -> Result<f64> {
     let out = agent
         .node
         .command("curl")?
@@ -253,7 +278,9 @@ fn enrolled_gauge(agent: &Agent) -> Result<f64> {
     Ok(scrape
         .samples
         .iter()
-        .filter(|s| s.metric == "weft_pods" && s.labels.get("state") == Some("enrolled"))
+        .filter(|s| {
+            s.metric == "weft_pods" && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+        })
         .map(|s| match s.value {
             PromValue::Gauge(v) | PromValue::Untyped(v) => v,
             _ => 0.0,
@@ -884,6 +911,78 @@ fn enrolled_pods_survive_api_server_trouble_and_the_watches_catch_up() -> Result
         "{} requests, none failed; test took {:?}",
         result.requests,
         started.elapsed()
+    );
+    Ok(())
+}
+
+/// A pod the API server lists before the agent can find it on the node (its sandbox is not
+/// there yet): reported as failed, with the reason, in `/config_dump` and `/metrics`, retried,
+/// and enrolled from its sandbox's namespace once that appears, by the same agent process.
+#[test]
+fn a_pod_not_found_on_the_node_is_reported_and_enrolled_once_its_sandbox_appears() -> Result<()> {
+    let lab = TestLab::up("kubnf", 1, 1)?;
+    let ca = TestCa::new("weft lab mesh CA")?;
+    let ca_files = ca.write(&lab.dir.join("ca"))?;
+    let node = lab.node("a")?;
+    let (server, kubeconfig) = start_fake_api_server(&lab, node, API_PORT)?;
+    let a1 = lab.pod("a1")?;
+    server.apply(fake_apiserver::namespace("shop", &[MESH]));
+    let uid = sandbox_uid(a1);
+    server.apply(pod_object("shop", a1, &node.name, &uid));
+
+    let agent = start_agent(&lab, node, &ca_files, &kubeconfig)?;
+    let pid = agent.pid().context("agent not running")?;
+    let failed = wait_for("a1 reported as failed", Duration::from_secs(15), || {
+        Ok(pod_states(&agent)?
+            .remove("shop/a1")
+            .filter(|state| state.starts_with("failed")))
+    })
+    .with_context(|| agent.log())?;
+    ensure!(
+        failed.contains(&uid),
+        "the error does not name the pod's UID: {failed}"
+    );
+    let not_found = [("state", "failed"), ("reason", "netns_not_found")];
+    ensure!(
+        pods_gauge(&agent, &not_found)? == 1.0,
+        "weft_pods{{state=\"failed\",reason=\"netns_not_found\"}} is not 1"
+    );
+    ensure!(enrolled_gauge(&agent)? == 0.0, "a1 counted as enrolled");
+
+    let sandbox = Sandbox::start(node, a1)?;
+    let appeared = Instant::now();
+    wait_pod_states(&agent, &enrolled(&["shop/a1"]))?;
+    eprintln!(
+        "enrolled {:?} after the sandbox appeared",
+        appeared.elapsed()
+    );
+    let dump = admin(&agent, "/config_dump")?;
+    let netns = dump["pods"]["shop/a1"]["netns"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        netns == format!("/proc/{}/ns/net", sandbox.child.id()),
+        "a1 enrolled from {netns:?}, not its sandbox's namespace"
+    );
+    let cgroup = dump["pods"]["shop/a1"]["cgroup"]
+        .as_str()
+        .unwrap_or_default();
+    let pod_cgroup = sandbox
+        .scope
+        .parent()
+        .context("sandbox scope has no parent")?;
+    ensure!(
+        !cgroup.is_empty() && pod_cgroup.ends_with(cgroup.trim_start_matches('/')),
+        "a1's cgroup is reported as {cgroup:?}, its sandbox's pod cgroup is {}",
+        pod_cgroup.display()
+    );
+    ensure!(
+        pods_gauge(&agent, &not_found)? == 0.0 && enrolled_gauge(&agent)? == 1.0,
+        "weft_pods does not show a1 enrolled and nothing failed"
+    );
+    ensure!(
+        agent.pid() == Some(pid) && lines_with(&agent, "weft is running").len() == 1,
+        "the agent was restarted"
     );
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! `/ready` while draining (need root).
 use std::{
     fs,
-    io::Write,
+    io::{Read, Write},
     net::SocketAddr,
     process::Stdio,
     thread,
@@ -353,8 +353,9 @@ fn ready_is_503_while_draining() -> Result<()> {
         ensure!(Instant::now() < deadline, "/ready still 200 after SIGTERM");
         thread::sleep(Duration::from_millis(20));
     };
+    let draining_body = format!("draining (agent pid {pid})");
     ensure!(
-        draining.status == 503 && draining.body == "draining",
+        draining.status == 503 && draining.body == draining_body,
         "/ready after SIGTERM: {} {:?}",
         draining.status,
         draining.body
@@ -364,7 +365,7 @@ fn ready_is_503_while_draining() -> Result<()> {
     thread::sleep(Duration::from_secs(1));
     let still = admin(&node, "GET", "/ready")?;
     ensure!(
-        still.status == 503 && still.body == "draining",
+        still.status == 503 && still.body == draining_body,
         "{} {}",
         still.status,
         still.body
@@ -411,11 +412,12 @@ fn metrics_lab(name: &str) -> Result<(TestLab, Mesh)> {
     Ok((lab, mesh))
 }
 
-/// `GET /metrics` of `node`'s agent at the node's address, parsed as a scraper would.
+/// `GET /metrics` of `node`'s agent at the node's address, asking for gzip and parsed as a
+/// scraper would. The body is unzipped here, not by curl: a plain-text answer fails.
 fn scrape(node: &Node) -> Result<Scrape> {
     let out = node
         .command("curl")?
-        .args(["-sSf", "--max-time", "5"])
+        .args(["-sSf", "--max-time", "5", "-H", "Accept-Encoding: gzip"])
         .arg(format!("http://{}:{METRICS_PORT}/metrics", node.ip))
         .output()
         .context("running curl for /metrics")?;
@@ -425,7 +427,10 @@ fn scrape(node: &Node) -> Result<Scrape> {
         node.name,
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8(out.stdout).context("/metrics is not UTF-8")?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&out.stdout[..])
+        .read_to_string(&mut text)
+        .context("/metrics is not gzipped UTF-8 text")?;
     Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).context("parsing /metrics")
 }
 

@@ -1,10 +1,16 @@
 //! Upgrading the agent under traffic (needs root): on each node a second agent starts while the
 //! first runs, takes over the pinned eBPF maps and the pods' listeners, and the first is stopped,
-//! as a DaemonSet rolling update with surge does. Not one request may fail.
+//! as a DaemonSet rolling update with surge does. Not one request may fail, and `/ready` (which
+//! both agents answer on the shared admin port) never reports the old agent ready once its
+//! successor has announced itself.
 use std::{
     fs::{self, File},
     path::{Path, PathBuf},
     process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -13,7 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use weft_lab_tests::TestLab;
 use xtask::{
-    agent::{weft_binary, Agent, Mesh},
+    agent::{weft_binary, Agent, Mesh, ADMIN_ADDR},
     lab::{command_in, Lab, Node, Pod},
     pki::TestCa,
 };
@@ -109,7 +115,14 @@ fn replacing_the_agents_under_traffic_loses_no_request() -> Result<()> {
     let mut successors = Vec::new();
     for (node, old) in [node_a, node_b].into_iter().zip(old_agents.iter_mut()) {
         thread::sleep(Duration::from_secs(3));
+        let old_pid = old.pid().context("the old agent is not running")?;
+        let state_dir = lab.dir.join(format!("state-{}", node.name));
+        let prober = ReadyProber::start(node, state_dir, old_pid)?;
         let successor = ServerGuard(start_successor(&lab, node, old)?);
+        let new_pid = successor.0.id();
+        let during = prober.stop()?;
+        check_ready_during_takeover(&during, old_pid)?;
+        check_ready_after_takeover(node, old_pid, new_pid)?;
         let status = old.stop_with(libc::SIGTERM, Duration::from_secs(15))?;
         ensure!(
             status == Some(0),
@@ -159,6 +172,133 @@ fn replacing_the_agents_under_traffic_loses_no_request() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `GET /ready` on `node`'s admin port, shared by both agents during the upgrade, as the
+/// kubelet's probe sends it: the status and the body, which names the agent that answered.
+fn probe_ready(node: &Node) -> Result<(u16, String)> {
+    let out = node
+        .command("curl")?
+        .args(["-sS", "--max-time", "2", "-w", "\n%{http_code}"])
+        .arg(format!("http://{ADMIN_ADDR}/ready"))
+        .output()
+        .context("running curl for /ready")?;
+    let text = String::from_utf8(out.stdout).context("/ready is not UTF-8")?;
+    let (body, status) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .with_context(|| format!("no status in {text:?}"))?;
+    Ok((status.parse()?, body.trim_end().to_owned()))
+}
+
+/// One `/ready` answer while a successor starts, and whether another agent had announced
+/// itself (or taken charge) in the node's hand-over state before the probe was sent.
+struct ReadyAnswer {
+    after_announcement: bool,
+    status: u16,
+    body: String,
+}
+
+/// Probes `/ready` in the background, as a kubelet does, until stopped.
+struct ReadyProber {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<Result<Vec<ReadyAnswer>>>,
+}
+
+impl ReadyProber {
+    /// The first answer is taken before returning, so before any successor starts.
+    fn start(node: &Node, state_dir: PathBuf, old_pid: u32) -> Result<Self> {
+        let (status, body) = probe_ready(node)?;
+        let mut answers = vec![ReadyAnswer {
+            after_announcement: false,
+            status,
+            body,
+        }];
+        let stop = Arc::new(AtomicBool::new(false));
+        let node = node.clone();
+        let stopped = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let after_announcement = ["successor.pid", "agent.pid"].iter().any(|file| {
+                    fs::read_to_string(state_dir.join(file))
+                        .is_ok_and(|pid| pid.trim() != old_pid.to_string())
+                });
+                let (status, body) = probe_ready(&node)?;
+                answers.push(ReadyAnswer {
+                    after_announcement,
+                    status,
+                    body,
+                });
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(answers)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) -> Result<Vec<ReadyAnswer>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the /ready prober panicked"))?
+    }
+}
+
+/// From the moment a successor announces itself the old agent no longer reports ready: were it
+/// to, the kubelet could declare the new pod ready (both share the port) and the old one would be
+/// stopped before the new one serves.
+fn check_ready_during_takeover(answers: &[ReadyAnswer], old_pid: u32) -> Result<()> {
+    let old_ready = format!("ready (agent pid {old_pid})");
+    ensure!(
+        answers
+            .iter()
+            .any(|a| !a.after_announcement && a.body == old_ready),
+        "the old agent was not ready before the upgrade: {:?}",
+        answers.iter().map(|a| &a.body).collect::<Vec<_>>()
+    );
+    let during: Vec<&ReadyAnswer> = answers.iter().filter(|a| a.after_announcement).collect();
+    ensure!(
+        !during.is_empty(),
+        "no /ready probe while the successor started"
+    );
+    for answer in during {
+        ensure!(
+            answer.body != old_ready,
+            "the old agent reported ready while its successor started: {} {}",
+            answer.status,
+            answer.body
+        );
+    }
+    Ok(())
+}
+
+/// Once the successor is in charge, it answers ready and the old agent does not.
+fn check_ready_after_takeover(node: &Node, old_pid: u32, new_pid: u32) -> Result<()> {
+    let (new_ready, old_not_ready) = (
+        format!("ready (agent pid {new_pid})"),
+        format!("agent {new_pid} is in charge (agent pid {old_pid})"),
+    );
+    let (mut seen_new, mut seen_old) = (false, false);
+    // The port is shared: each probe reaches one of the two agents, so ask until both answered.
+    for _ in 0..40 {
+        let (status, body) = probe_ready(node)?;
+        if status == 200 {
+            ensure!(body == new_ready, "after the takeover, ready from: {body}");
+            seen_new = true;
+        } else {
+            ensure!(
+                status == 503 && body == old_not_ready,
+                "after the takeover: {status} {body}"
+            );
+            seen_old = true;
+        }
+        if seen_new && seen_old {
+            return Ok(());
+        }
+    }
+    bail!(
+        "40 probes after the takeover did not reach both agents (new: {seen_new}, old: {seen_old})"
+    )
 }
 
 /// Files below `dir` (none if it does not exist).

@@ -72,6 +72,11 @@ pub async fn run(
     let startup = config.clone();
     check_cgroup2_dir(&settings.cgroup_path)?;
     let handover = settings.handover.as_ref().map(Handover::new);
+    if let Some(handover) = &handover {
+        handover
+            .announce()
+            .context("announcing this agent for the hand-over")?;
+    }
     let certs = match &config.identity {
         Some(identity) => Some(load_identities(identity)?),
         None => {
@@ -95,7 +100,7 @@ pub async fn run(
     )?);
     datapath.set_exclusions(&settings.exclude_ports, &settings.exclude_cidrs)?;
     info!(cgroup = %settings.cgroup_path.display(), "eBPF programs attached");
-    let readiness = Arc::new(Readiness::default());
+    let readiness = Arc::new(Readiness::new(handover.clone()));
     readiness.set_attached(true);
 
     let stats = Arc::new(Stats::default());

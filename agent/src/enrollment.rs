@@ -35,6 +35,9 @@ pub enum PodStatus {
     Enrolled {
         netns: String,
         netns_cookie: u64,
+        /// The pod's cgroup, for pods found by UID.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
     },
     Failed {
         netns: String,
@@ -51,6 +54,7 @@ struct EnrolledPod {
     /// The path the network namespace was opened from (given, or found by pod UID).
     netns: PathBuf,
     cookie: u64,
+    cgroup: Option<String>,
     identity: Option<Identity>,
     inbound: Option<InboundCapture>,
     stop_accepting: CancellationToken,
@@ -101,6 +105,7 @@ impl EnrolledPod {
         PodStatus::Enrolled {
             netns: self.netns.display().to_string(),
             netns_cookie: self.cookie,
+            cgroup: self.cgroup.clone(),
         }
     }
 }
@@ -226,9 +231,14 @@ impl Enrollment {
 
     async fn enroll(&mut self, spec: &PodSpec, procs: &mut Option<ProcIndex>) -> Result<PodStatus> {
         let id = spec.id();
-        let (netns_path, expected_inode) = match self.netns_path(spec, procs)? {
-            NetnsPath::Given(path) => (path, None),
-            NetnsPath::Found(FoundNetns { path, inode, .. }) => (path, Some(inode)),
+        let (netns_path, expected_inode, cgroup) = match self.netns_path(spec, procs)? {
+            NetnsPath::Given(path) => (path, None, None),
+            NetnsPath::Found(FoundNetns {
+                path,
+                inode,
+                cgroup,
+                ..
+            }) => (path, Some(inode), Some(cgroup)),
         };
         let netns = PodNetns::enter(&netns_path, format!("netns-{}", spec.name))?;
         // The process found by the scan may have exited and its PID been reused since.
@@ -359,6 +369,7 @@ impl Enrollment {
             spec: spec.clone(),
             netns: netns_path,
             cookie,
+            cgroup,
             identity,
             inbound,
             stop_accepting,

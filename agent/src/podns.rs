@@ -83,30 +83,46 @@ fn parse_uuid(s: &str, separator: u8) -> Option<PodUid> {
     Some(PodUid(uid))
 }
 
+/// The pod a process belongs to and that pod's cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCgroup {
+    pub uid: PodUid,
+    /// The pod-level cgroup, as the process's `/proc/<pid>/cgroup` names it (the cgroup v2 line
+    /// when there is one; relative to a cgroup namespace's root if the process is in one).
+    pub path: String,
+}
+
 /// The pod a process belongs to, from the content of its `/proc/<pid>/cgroup`. A process whose
 /// lines name two different pods is nobody's: it cannot be in both, so neither is trusted.
-pub fn pod_uid_from_cgroup(content: &str) -> Option<PodUid> {
-    let mut found: Option<PodUid> = None;
+pub fn pod_of_process(content: &str) -> Option<PodCgroup> {
+    let mut found: Option<PodCgroup> = None;
     for line in content.lines() {
         // `hierarchy-id:controllers:path`; the path itself may contain ':'.
-        let Some(path) = line.splitn(3, ':').nth(2) else {
+        let mut fields = line.splitn(3, ':');
+        let (Some(hierarchy), Some(path)) = (fields.next(), fields.nth(1)) else {
             continue;
         };
-        let Some(uid) = pod_uid_from_path(path) else {
+        let Some(pod) = pod_cgroup_of_path(path) else {
             continue;
         };
-        if found.as_ref().is_some_and(|seen| *seen != uid) {
-            return None;
+        match &found {
+            Some(seen) if seen.uid != pod.uid => return None,
+            // The unified (v2) hierarchy's path names the pod's cgroup best.
+            Some(_) if hierarchy != "0" => {}
+            _ => found = Some(pod),
         }
-        found = Some(uid);
     }
     found
 }
 
-fn pod_uid_from_path(path: &str) -> Option<PodUid> {
+fn pod_cgroup_of_path(path: &str) -> Option<PodCgroup> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     segments.iter().enumerate().find_map(|(i, segment)| {
-        systemd_pod_slice(segment).or_else(|| cgroupfs_pod(segment, &segments[..i]))
+        let uid = systemd_pod_slice(segment).or_else(|| cgroupfs_pod(segment, &segments[..i]))?;
+        Some(PodCgroup {
+            uid,
+            path: format!("/{}", segments[..=i].join("/")),
+        })
     })
 }
 
@@ -186,6 +202,8 @@ pub struct FoundNetns {
     pub pid: u32,
     /// The namespace's inode (`net:[inode]`): changes when the pod's sandbox is recreated.
     pub inode: u64,
+    /// The pod's cgroup, by which it was found (see [`PodCgroup::path`]).
+    pub cgroup: String,
 }
 
 /// What went wrong finding a pod's network namespace, worded for the operator.
@@ -306,8 +324,8 @@ impl std::error::Error for Error {}
 pub struct ProcIndex {
     proc_root: PathBuf,
     host_netns: NetnsId,
-    /// Each pod's PIDs, ascending.
-    pods: HashMap<PodUid, Vec<u32>>,
+    /// Each pod's PIDs, ascending, and its cgroup.
+    pods: HashMap<PodUid, (Vec<u32>, String)>,
     read_errors: Vec<ReadError>,
 }
 
@@ -327,7 +345,7 @@ impl ProcIndex {
             path: host_netns.to_path_buf(),
             source,
         })?;
-        let mut pods: HashMap<PodUid, Vec<u32>> = HashMap::new();
+        let mut pods: HashMap<PodUid, (Vec<u32>, String)> = HashMap::new();
         let mut read_errors = Vec::new();
         for entry in entries {
             let entry = match entry {
@@ -349,15 +367,18 @@ impl ProcIndex {
             match fs::read(&path) {
                 Ok(content) => {
                     // Lossy: only non-UTF-8 names of cgroups that are no pod's are damaged.
-                    if let Some(uid) = pod_uid_from_cgroup(&String::from_utf8_lossy(&content)) {
-                        pods.entry(uid).or_default().push(pid);
+                    if let Some(pod) = pod_of_process(&String::from_utf8_lossy(&content)) {
+                        pods.entry(pod.uid)
+                            .or_insert_with(|| (Vec::new(), pod.path))
+                            .0
+                            .push(pid);
                     }
                 }
                 Err(error) if vanished(&error) => {}
                 Err(error) => read_errors.push(ReadError { path, error }),
             }
         }
-        for pids in pods.values_mut() {
+        for (pids, _) in pods.values_mut() {
             pids.sort_unstable();
         }
         Ok(Self {
@@ -376,7 +397,7 @@ impl ProcIndex {
     /// The network namespace of pod `uid`: the one its processes outside the node's namespace
     /// share (CRI-O's conmon, for one, sits in the pod's cgroup but in the node's namespace).
     pub fn netns_of(&self, uid: &PodUid) -> Result<FoundNetns, Error> {
-        let Some(pids) = self.pods.get(uid) else {
+        let Some((pids, cgroup)) = self.pods.get(uid) else {
             return Err(Error::NoProcess {
                 uid: uid.clone(),
                 proc_root: self.proc_root.clone(),
@@ -396,6 +417,7 @@ impl ProcIndex {
                             path,
                             pid,
                             inode: id.inode,
+                            cgroup: cgroup.clone(),
                         };
                         namespaces.push((id, found));
                     }
@@ -444,7 +466,7 @@ mod tests {
     }
 
     fn parsed(content: &str) -> Option<String> {
-        pod_uid_from_cgroup(content).map(|uid| uid.to_string())
+        pod_of_process(content).map(|pod| pod.uid.to_string())
     }
 
     #[test]
@@ -465,6 +487,7 @@ mod tests {
             ] {
                 let v2 = format!("0::{pod}/{container}\n");
                 assert_eq!(parsed(&v2).as_deref(), Some(UID), "{v2}");
+                assert_eq!(pod_of_process(&v2).map(|p| p.path), Some(pod.clone()));
                 // A cgroup v1 (or hybrid) host lists every hierarchy, the unified one last.
                 let v1 = format!(
                     "12:pids:{pod}/{container}\n\
@@ -474,6 +497,7 @@ mod tests {
                      0::/\n"
                 );
                 assert_eq!(parsed(&v1).as_deref(), Some(UID), "{v1}");
+                assert_eq!(pod_of_process(&v1).map(|p| p.path), Some(pod.clone()));
             }
             // A process in the pod's own cgroup.
             assert_eq!(
@@ -482,6 +506,28 @@ mod tests {
                 "{pod}"
             );
         }
+    }
+
+    #[test]
+    fn the_pod_cgroup_is_read_from_the_unified_hierarchy_when_it_names_the_pod() {
+        let content = format!(
+            "4:memory:/kubepods/burstable/pod{UID}/{CONTAINER}\n\
+             0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_SYSTEMD}.slice/cri-containerd-{CONTAINER}.scope\n"
+        );
+        assert_eq!(
+            pod_of_process(&content),
+            Some(PodCgroup {
+                uid: uid(),
+                path: format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_SYSTEMD}.slice"
+                ),
+            })
+        );
+        // Seen from inside a cgroup namespace, the path stays relative to its root.
+        assert_eq!(
+            pod_of_process(&format!("0::/../../pod{UID}/{CONTAINER}\n")).map(|p| p.path),
+            Some(format!("/../../pod{UID}"))
+        );
     }
 
     #[test]
@@ -760,6 +806,7 @@ mod tests {
                 path: fake.root().join("100/ns/net"),
                 pid: 100,
                 inode: fake.inode(205),
+                cgroup: format!("/kubepods/burstable/pod{UID}"),
             }
         );
         let other = "0a1b2c3d-4e5f-4789-8abc-def012345678".parse().unwrap();
