@@ -1044,7 +1044,7 @@ fn cluster_role_only_reads_what_the_agent_watches() {
     for rule in at(role, "/rules").as_array().unwrap() {
         assert_eq!(
             strings(at(rule, "/verbs")),
-            set(&["get", "list", "watch"]),
+            set(&["list", "watch"]),
             "{rule}"
         );
         assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none());
