@@ -158,6 +158,9 @@ pub struct AgentSettings {
     /// Metric series of a workload that is no longer in the mesh are dropped once they have not
     /// moved for this long (bounds the series of pods that come and go).
     pub metrics_idle_expiry_s: u64,
+    /// The cluster's DNS domain: services are named `<name>.<namespace>.svc.<cluster_domain>`
+    /// in metrics (`destination_service`) and logs, as the cluster's DNS names them.
+    pub cluster_domain: String,
     /// One JSON line per connection and per HTTP request, on stdout.
     pub access_log: AccessLogSettings,
     /// Lets a new agent take over from a running one without losing a connection (a rolling
@@ -215,10 +218,24 @@ impl Default for AgentSettings {
             strict_allows_node: true,
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
             metrics_idle_expiry_s: 600,
+            cluster_domain: "cluster.local".to_owned(),
             access_log: AccessLogSettings::default(),
             handover: None,
         }
     }
+}
+
+/// A lowercase DNS domain: labels of 1 to 63 letters, digits and inner dashes, 253 at most.
+fn is_dns_domain(domain: &str) -> bool {
+    domain.len() <= 253
+        && domain.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 impl AgentSettings {
@@ -527,6 +544,12 @@ impl Config {
         if agent.metrics_idle_expiry_s == 0 {
             bail!("agent.metrics_idle_expiry_s must be greater than 0");
         }
+        if !is_dns_domain(&agent.cluster_domain) {
+            bail!(
+                "agent.cluster_domain must be a DNS domain such as cluster.local (lowercase letters, digits and '-' in dot-separated labels), got {:?}",
+                agent.cluster_domain
+            );
+        }
         if !(0.0..=1.0).contains(&agent.access_log.sample_rate) {
             bail!(
                 "agent.access_log.sample_rate must be between 0 and 1, got {}",
@@ -816,6 +839,16 @@ mod tests {
         assert!(
             error_of("agent:\n  tunnel_idle_timeout_ms: 0\n").contains("tunnel_idle_timeout_ms")
         );
+        for domain in [
+            "",
+            "Cluster.Local",
+            "cluster..local",
+            "-cluster.local",
+            "cluster.local.",
+        ] {
+            let err = error_of(&format!("agent:\n  cluster_domain: {domain:?}\n"));
+            assert!(err.contains("cluster_domain"), "{domain:?}: {err}");
+        }
         let many_ports: Vec<String> = (1..=1025).map(|p| p.to_string()).collect();
         let text = format!("agent:\n  exclude_ports: [{}]\n", many_ports.join(","));
         assert!(error_of(&text).contains("at most 1024 ports"));

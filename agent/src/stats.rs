@@ -173,7 +173,7 @@ pub struct Flow {
     pub counters: FlowCounters,
     pub source: Peer,
     pub destination: Peer,
-    /// `name.namespace.svc.cluster.local` of the service the client asked for, or else the one
+    /// `name.namespace.svc.<cluster domain>` of the service the client asked for, or else the one
     /// the destination serves, if any.
     pub service: Option<Arc<str>>,
     pub transport: Transport,

@@ -33,7 +33,7 @@ const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 pub struct ServiceBackend {
     /// `namespace/name:port`, for logs and counters.
     pub id: String,
-    /// `name.namespace.svc.cluster.local`, as Istio's `destination_service` label names it.
+    /// `name.namespace.svc.<cluster domain>`, as Istio's `destination_service` label names it.
     pub host: Arc<str>,
     pub target_port: u16,
     pub protocol: Option<AppProtocol>,
@@ -111,8 +111,8 @@ pub struct Services {
 }
 
 /// A service's name as Istio's `destination_service` label gives it.
-pub fn service_host(namespace: &str, name: &str) -> Arc<str> {
-    format!("{name}.{namespace}.svc.cluster.local").into()
+pub fn service_host(namespace: &str, name: &str, cluster_domain: &str) -> Arc<str> {
+    format!("{name}.{namespace}.svc.{cluster_domain}").into()
 }
 
 /// Without a route, a service retries what is safe to retry: connections that failed, and
@@ -167,7 +167,11 @@ impl Services {
                         let id = format!("{}/{}:{}", key.namespace, key.name, key.port);
                         Arc::new(ServiceBackend {
                             counters: stats.service(&id),
-                            host: service_host(&key.namespace, &key.name),
+                            host: service_host(
+                                &key.namespace,
+                                &key.name,
+                                &config.agent.cluster_domain,
+                            ),
                             id,
                             target_port: port.target_port(),
                             protocol: port.protocol,
@@ -456,11 +460,21 @@ mod tests {
             endpoints(echo),
             ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.1.1:8080"]
         );
+        assert_eq!(&*echo.backend.host, "echo.default.svc.cluster.local");
         let external = services.at("10.96.0.3:443".parse().unwrap()).unwrap();
         assert_eq!(endpoints(external), ["192.0.2.7:443"]);
         assert_eq!(external.backend.protocol, Some(AppProtocol::Tcp));
         assert!(services.at("10.96.0.1:81".parse().unwrap()).is_none());
         assert!(services.at("10.0.0.1:8080".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn service_names_carry_the_configured_cluster_domain() {
+        let mut config = config();
+        config.agent.cluster_domain = "corp.example".to_owned();
+        let services = Services::build(&config, &Services::default(), &Stats::default());
+        let echo = services.at("10.96.0.1:80".parse().unwrap()).unwrap();
+        assert_eq!(&*echo.backend.host, "echo.default.svc.corp.example");
     }
 
     #[test]
