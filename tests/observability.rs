@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use prometheus_parse::{Scrape, Value as PromValue};
 use serde_json::Value;
 use weft_lab_tests::{
-    curl, fetch, flow, listen_in, listen_on_node, load_url, start_meshed_agents, App,
+    admin, curl, fetch, flow, listen_in, listen_on_node, load_url, start_meshed_agents, App,
     HeldConnections, TestLab, APP_PORT,
 };
 use xtask::{
@@ -34,45 +34,6 @@ fn meshed_lab(name: &str) -> Result<(TestLab, Mesh, Vec<Agent>)> {
     let mesh = Mesh::new(&lab, cert, key);
     let agents = start_meshed_agents(&lab, &mesh)?;
     Ok((lab, mesh, agents))
-}
-
-struct Answer {
-    status: u16,
-    body: String,
-}
-
-/// `method path` on the admin endpoint of `node`'s agent, from the node's namespace.
-fn admin(node: &Node, method: &str, path: &str) -> Result<Answer> {
-    let out = node
-        .command("curl")?
-        // -g: directives contain brackets, which curl would otherwise expand.
-        .args([
-            "-gsS",
-            "--max-time",
-            "5",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-        ])
-        .arg(format!("http://{ADMIN_ADDR}{path}"))
-        .output()
-        .context("running curl on the node")?;
-    ensure!(
-        out.status.success(),
-        "curl {method} {path} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).context("admin answer is not UTF-8")?;
-    let (body, status) = text
-        .rsplit_once('\n')
-        .with_context(|| format!("no status in {text:?}"))?;
-    Ok(Answer {
-        status: status
-            .parse()
-            .with_context(|| format!("status {status:?}"))?,
-        body: body.trim_end_matches('\n').to_owned(),
-    })
 }
 
 /// A TCP listener in `node`'s network namespace (bound by a thread that enters it) answering

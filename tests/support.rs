@@ -17,7 +17,7 @@ pub mod fake_apiserver;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use xtask::{
-    agent::{Agent, Mesh},
+    agent::{Agent, Mesh, ADMIN_ADDR},
     lab::{wait_for_tcp, Lab, LabSpec, Node, Pod},
 };
 
@@ -48,6 +48,47 @@ impl Drop for TestLab {
             eprintln!("lab {} teardown failed: {err:#}", self.0.name);
         }
     }
+}
+
+/// An answer of the agent's admin endpoint: the status, and the body without its final newline.
+#[derive(Debug)]
+pub struct AdminAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `method path` on the admin endpoint of `node`'s agent, from the node's namespace.
+pub fn admin(node: &Node, method: &str, path: &str) -> Result<AdminAnswer> {
+    let out = node
+        .command("curl")?
+        // -g: directives contain brackets, which curl would otherwise expand.
+        .args([
+            "-gsS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!("http://{ADMIN_ADDR}{path}"))
+        .output()
+        .context("running curl on the node")?;
+    ensure!(
+        out.status.success(),
+        "curl {method} {path} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).context("admin answer is not UTF-8")?;
+    let (body, status) = text
+        .rsplit_once('\n')
+        .with_context(|| format!("no status in {text:?}"))?;
+    Ok(AdminAnswer {
+        status: status
+            .parse()
+            .with_context(|| format!("status {status:?}"))?,
+        body: body.trim_end_matches('\n').to_owned(),
+    })
 }
 
 #[derive(Debug)]

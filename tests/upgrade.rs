@@ -17,9 +17,9 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use weft_lab_tests::TestLab;
+use weft_lab_tests::{admin, TestLab};
 use xtask::{
-    agent::{weft_binary, Agent, Mesh, ADMIN_ADDR},
+    agent::{weft_binary, Agent, Mesh},
     lab::{command_in, Lab, Node, Pod},
     pki::TestCa,
 };
@@ -177,18 +177,8 @@ fn replacing_the_agents_under_traffic_loses_no_request() -> Result<()> {
 /// `GET /ready` on `node`'s admin port, shared by both agents during the upgrade, as the
 /// kubelet's probe sends it: the status and the body, which names the agent that answered.
 fn probe_ready(node: &Node) -> Result<(u16, String)> {
-    let out = node
-        .command("curl")?
-        .args(["-sS", "--max-time", "2", "-w", "\n%{http_code}"])
-        .arg(format!("http://{ADMIN_ADDR}/ready"))
-        .output()
-        .context("running curl for /ready")?;
-    let text = String::from_utf8(out.stdout).context("/ready is not UTF-8")?;
-    let (body, status) = text
-        .trim_end()
-        .rsplit_once('\n')
-        .with_context(|| format!("no status in {text:?}"))?;
-    Ok((status.parse()?, body.trim_end().to_owned()))
+    let answer = admin(node, "GET", "/ready")?;
+    Ok((answer.status, answer.body))
 }
 
 /// One `/ready` answer while a successor starts, and whether another agent had announced
