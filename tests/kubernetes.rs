@@ -20,12 +20,12 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use prometheus_parse::{Scrape, Value as PromValue};
+use prometheus_parse::Scrape;
 use serde_json::{json, Value};
 use weft_lab_tests::{
     cgroup_program_ids,
     fake_apiserver::{self, ResourceKind, Verb},
-    fetch, start_fake_api_server, TestLab,
+    fetch, metric, start_fake_api_server, TestLab,
 };
 use xtask::{
     agent::{Agent, ADMIN_ADDR, TRUST_DOMAIN},
@@ -275,17 +275,7 @@ fn pods_gauge(agent: &Agent, labels: &[(&str, &str)]) -> Result<f64> {
     let text = String::from_utf8(out.stdout).context("/metrics is not UTF-8")?;
     let scrape =
         Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).context("parsing /metrics")?;
-    Ok(scrape
-        .samples
-        .iter()
-        .filter(|s| {
-            s.metric == "weft_pods" && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-        })
-        .map(|s| match s.value {
-            PromValue::Gauge(v) | PromValue::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum())
+    Ok(metric(&scrape, "weft_pods", labels))
 }
 
 /// Connections from `source` (`namespace/name`) to `destination` the agent relayed through an

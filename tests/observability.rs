@@ -13,11 +13,11 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use prometheus_parse::{Scrape, Value as PromValue};
+use prometheus_parse::Scrape;
 use serde_json::Value;
 use weft_lab_tests::{
-    admin, curl, fetch, flow, listen_in, listen_on_node, load_url, start_meshed_agents, App,
-    HeldConnections, TestLab, APP_PORT,
+    admin, curl, fetch, flow, listen_in, listen_on_node, load_url, metric, start_meshed_agents,
+    App, HeldConnections, TestLab, APP_PORT,
 };
 use xtask::{
     agent::{Agent, Mesh, ADMIN_ADDR, TRUST_DOMAIN},
@@ -393,19 +393,6 @@ fn scrape(node: &Node) -> Result<Scrape> {
         .read_to_string(&mut text)
         .context("/metrics is not gzipped UTF-8 text")?;
     Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))).context("parsing /metrics")
-}
-
-/// The sum of the samples of `metric` carrying `labels` (0 when there are none).
-fn metric(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
 }
 
 /// Polls `check` on fresh scrapes of `node` until it holds (the agents record a request once

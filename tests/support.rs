@@ -1,5 +1,6 @@
-//! Helpers shared by the lab tests: a lab that removes itself, curl in a pod, tiny servers inside a
-//! pod's network namespace, and bpftool queries.
+//! Helpers shared by the lab tests: a lab that removes itself, the agent's admin endpoint, sums of
+//! scraped metrics, curl in a pod, tiny servers inside a pod's network namespace, and bpftool
+//! queries.
 use std::{
     fs::File,
     io::{BufRead, BufReader, Lines, Read, Write},
@@ -15,6 +16,7 @@ use std::{
 pub mod fake_apiserver;
 
 use anyhow::{bail, ensure, Context, Result};
+use prometheus_parse::{Scrape, Value as PromValue};
 use serde_json::Value;
 use xtask::{
     agent::{Agent, Mesh, ADMIN_ADDR},
@@ -89,6 +91,19 @@ pub fn admin(node: &Node, method: &str, path: &str) -> Result<AdminAnswer> {
             .with_context(|| format!("status {status:?}"))?,
         body: body.trim_end_matches('\n').to_owned(),
     })
+}
+
+/// The sum of the samples of `metric` carrying `labels` (0 when there are none).
+pub fn metric(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }
 
 #[derive(Debug)]
